@@ -1,0 +1,1 @@
+//! Runtime: model forward with a prefix stack.
