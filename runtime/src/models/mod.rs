@@ -1,0 +1,5 @@
+//! Model architectures.
+
+pub mod config;
+
+pub use config::{Architecture, ModelConfig};
