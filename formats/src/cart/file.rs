@@ -112,14 +112,7 @@ impl CartFile {
 
     /// Check every checksum: the stored payload, then each tensor. Errors name the file and tensor.
     pub fn verify(&self) -> Result<()> {
-        let check = || -> Result<()> {
-            let stored = super::header::parse_checksum("payload", &self.header.payload.checksum)?;
-            let computed = xxhash_rust::xxh3::xxh3_64(self.stored());
-            if stored != computed {
-                return Err(CartError::PayloadChecksum { stored, computed });
-            }
-            parse::verify_tensors(&self.header, self.raw_payload())
-        };
+        let check = || parse::verify_payload(&self.header, self.stored(), self.raw_payload());
         check().map_err(|e| CartError::InFile {
             path: self.path.clone(),
             source: Box::new(e),
