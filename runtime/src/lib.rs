@@ -3,3 +3,12 @@
 //! template, generation.
 
 pub mod models;
+
+pub mod chat_template;
+pub mod error;
+pub mod gguf;
+pub mod loader;
+pub mod model_fingerprint;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
