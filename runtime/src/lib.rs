@@ -11,4 +11,14 @@ pub mod loader;
 pub mod model_fingerprint;
 pub mod tokenizer;
 
+pub mod generate;
+pub mod kv_cache;
+pub mod ops;
+pub mod prefix;
+pub mod safetensors_dir;
+
 pub use error::{Error, Result};
+pub use kv_cache::KvCache;
+pub use models::{Logits, Transformer};
+pub use ops::Path;
+pub use prefix::{PrefixKv, PrefixStack};

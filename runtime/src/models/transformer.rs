@@ -1,0 +1,539 @@
+//! The decoder shared by Llama, Qwen2 and Qwen3: pre-norm blocks of grouped-query attention
+//! (Ainslie et al. 2023, "GQA") with rotary embeddings (Su et al. 2021) and a SwiGLU MLP (Shazeer
+//! 2020), RMSNorm everywhere, as in the Hugging Face `LlamaForCausalLM` / `Qwen2ForCausalLM` /
+//! `Qwen3ForCausalLM` reference implementations. Tensor names follow the Hugging Face checkpoints.
+//!
+//! What differs from those references, and why:
+//! - Every forward takes a resolved prefix ([`PrefixKv`]: cartridges + soft prompts) whose K/V are
+//!   shared by the whole batch, and an optional caller-owned [`KvCache`]. Attention runs over the
+//!   two sources with one joint softmax (shared max, summed denominators), so the prefix is never
+//!   copied per sequence nor concatenated with the cache.
+//! - Grouped-query attention never repeats K/V: queries are reshaped to
+//!   `[b, kv_heads, groups * t, d]` so one KV head serves its group in one matmul.
+//! - [`Path::Train`] uses only differentiable ops so gradients reach prefix K/V and soft prompts;
+//!   [`Path::Infer`] uses candle's fused RMSNorm and RoPE.
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::models::config::{Architecture, ModelConfig};
+use crate::ops::{self, Path, RopeScaling, RopeTables};
+use crate::prefix::PrefixKv;
+
+/// The architecture-specific switches of the shared decoder.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Quirks {
+    /// Bias on the q, k and v projections (Qwen2).
+    pub qkv_bias: bool,
+    /// RMSNorm over each query/key head before RoPE (Qwen3).
+    pub qk_norm: bool,
+}
+
+fn quirks(arch: Architecture) -> Quirks {
+    match arch {
+        Architecture::Llama => super::llama::QUIRKS,
+        Architecture::Qwen2 => super::qwen2::QUIRKS,
+        Architecture::Qwen3 => super::qwen3::QUIRKS,
+    }
+}
+
+/// Which logits a forward returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// `[b, t, vocab]`: every position (training, scoring).
+    All,
+    /// `[b, vocab]`: the last position only (decoding; with left padding it is every sequence's
+    /// newest token).
+    Last,
+    /// No LM head at all (computing K/V only).
+    None,
+}
+
+/// Fetch one weight, turning a missing or misshapen tensor into an error naming it.
+fn weight<S: Into<candle_core::Shape>>(vb: &VarBuilder, shape: S, name: &str) -> Result<Tensor> {
+    vb.get(shape, name).map_err(|e| Error::Weight {
+        name: format!("{}{}", prefix_of(vb), name),
+        message: e.to_string(),
+    })
+}
+
+fn prefix_of(vb: &VarBuilder) -> String {
+    let p = vb.prefix();
+    if p.is_empty() {
+        p
+    } else {
+        format!("{p}.")
+    }
+}
+
+/// `y = x W^T (+ b)` with a frozen weight `[out, in]`.
+#[derive(Debug, Clone)]
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(vb: &VarBuilder, out: usize, inp: usize, name: &str, bias: bool) -> Result<Self> {
+        let w = weight(vb, (out, inp), &format!("{name}.weight"))?;
+        let b = if bias {
+            Some(weight(vb, out, &format!("{name}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Self { w, b })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Fold batch and time into the rows of one 2-D matmul: a single large gemm instead of a
+        // batch of small ones, and no broadcast copy of the weight.
+        let dims = x.dims().to_vec();
+        let inp = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, inp))?.matmul(&self.w.t()?)?;
+        let y = match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = self.w.dim(0)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A Llama / Qwen2 / Qwen3 decoder with a prefix stack.
+#[derive(Debug, Clone)]
+pub struct Transformer {
+    cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: RopeTables,
+    dtype: DType,
+    device: Device,
+}
+
+impl Transformer {
+    /// Load from Hugging Face tensor names (`model.embed_tokens.weight`, `model.layers.{i}...`,
+    /// `model.norm.weight`, `lm_head.weight` unless tied). Works with any `VarBuilder`: mmapped
+    /// safetensors, or `VarBuilder::from_tensors` over a GGUF loader's de-permuted tensors.
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        cfg.validate()?;
+        let q = quirks(cfg.architecture);
+        let (h, kv, d) = (cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim);
+        let hidden = cfg.hidden_size;
+        let inter = cfg.intermediate_size;
+        let m = vb.pp("model");
+        let embed = weight(&m, (cfg.vocab_size, hidden), "embed_tokens.weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let l = m.pp(format!("layers.{i}"));
+            let a = l.pp("self_attn");
+            let mlp = l.pp("mlp");
+            layers.push(Layer {
+                input_norm: weight(&l, hidden, "input_layernorm.weight")?,
+                post_norm: weight(&l, hidden, "post_attention_layernorm.weight")?,
+                q: Linear::load(&a, h * d, hidden, "q_proj", q.qkv_bias)?,
+                k: Linear::load(&a, kv * d, hidden, "k_proj", q.qkv_bias)?,
+                v: Linear::load(&a, kv * d, hidden, "v_proj", q.qkv_bias)?,
+                o: Linear::load(&a, hidden, h * d, "o_proj", false)?,
+                q_norm: if q.qk_norm {
+                    Some(weight(&a, d, "q_norm.weight")?)
+                } else {
+                    None
+                },
+                k_norm: if q.qk_norm {
+                    Some(weight(&a, d, "k_norm.weight")?)
+                } else {
+                    None
+                },
+                gate: Linear::load(&mlp, inter, hidden, "gate_proj", false)?,
+                up: Linear::load(&mlp, inter, hidden, "up_proj", false)?,
+                down: Linear::load(&mlp, hidden, inter, "down_proj", false)?,
+            });
+        }
+        let norm = weight(&m, hidden, "norm.weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            weight(&vb, (cfg.vocab_size, hidden), "lm_head.weight")?
+        };
+        let scaling = RopeScaling::from_json(cfg.rope_scaling.as_deref())?;
+        let rope = RopeTables::new(
+            d,
+            cfg.rope_theta,
+            &scaling,
+            cfg.max_position_embeddings,
+            vb.dtype(),
+            vb.device(),
+        )?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// The configuration this model was loaded with.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The compute dtype (weights, K/V, logits).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A fresh cache for `batch` sequences without padding.
+    pub fn new_cache(&self, batch: usize) -> KvCache {
+        KvCache::new(self.cfg.num_layers, batch)
+    }
+
+    /// Token embeddings: `[b, t]` ids -> `[b, t, hidden]`.
+    pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let flat = tokens.flatten_all()?;
+        Ok(self
+            .embed
+            .index_select(&flat, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// The token embedding matrix `[vocab, hidden]` (e.g. to initialise a soft prompt).
+    pub fn embedding_matrix(&self) -> &Tensor {
+        &self.embed
+    }
+
+    /// Forward `tokens: [b, t]` (u32) after `prefix`, appending to `cache` when given.
+    ///
+    /// Positions start at `prefix.len() + cache.len() - pads[b]`. Without a cache the batch has no
+    /// padding. See [`Logits`] for the returned shape; the logits have the model's dtype.
+    pub fn forward(
+        &self,
+        prefix: Option<&PrefixKv>,
+        cache: Option<&mut KvCache>,
+        tokens: &Tensor,
+        logits: Logits,
+        path: Path,
+    ) -> Result<Tensor> {
+        let x = self.embed(tokens)?;
+        let (out, _) = self.run(prefix, cache, x, logits, path, false)?;
+        out.ok_or_else(|| Error::Msg("forward asked for no logits".into()))
+    }
+
+    /// Like [`Self::forward`] but from input embeddings `[b, t, hidden]` (soft-prompt training,
+    /// custom inputs).
+    pub fn forward_embeds(
+        &self,
+        prefix: Option<&PrefixKv>,
+        cache: Option<&mut KvCache>,
+        embeds: &Tensor,
+        logits: Logits,
+        path: Path,
+    ) -> Result<Tensor> {
+        let (out, _) = self.run(prefix, cache, embeds.clone(), logits, path, false)?;
+        out.ok_or_else(|| Error::Msg("forward asked for no logits".into()))
+    }
+
+    /// Per-layer post-RoPE K/V of `tokens` placed after `prefix` (positions `prefix.len()..`),
+    /// computed on the inference path. This is how a cartridge is initialised from corpus tokens;
+    /// the result covers only `tokens` (compose with `prefix` via [`PrefixKv::concat`]).
+    pub fn prefix_kv(&self, prefix: Option<&PrefixKv>, tokens: &[u32]) -> Result<PrefixKv> {
+        let ids = Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), &self.device)?;
+        let x = self.embed(&ids)?;
+        self.kv_of(prefix, x, Path::Infer)
+    }
+
+    /// Per-layer K/V of input embeddings `[n, hidden]` placed after `prefix`. With
+    /// [`Path::Train`] the result stays differentiable w.r.t. `embeds` and `prefix`.
+    pub fn embeds_kv(
+        &self,
+        prefix: Option<&PrefixKv>,
+        embeds: &Tensor,
+        path: Path,
+    ) -> Result<PrefixKv> {
+        let x = embeds.unsqueeze(0)?;
+        self.kv_of(prefix, x, path)
+    }
+
+    fn kv_of(&self, prefix: Option<&PrefixKv>, x: Tensor, path: Path) -> Result<PrefixKv> {
+        let (_, kv) = self.run(prefix, None, x, Logits::None, path, true)?;
+        let layers = kv
+            .into_iter()
+            .map(|(k, v)| Ok((k.squeeze(0)?, v.squeeze(0)?)))
+            .collect::<Result<Vec<_>>>()?;
+        PrefixKv::new(layers)
+    }
+
+    /// The decoder. `x: [b, t, hidden]`. Returns the requested logits and, when `collect_kv`, the
+    /// per-layer `[b, kv_heads, t, head_dim]` K/V of these tokens.
+    #[allow(clippy::type_complexity)]
+    fn run(
+        &self,
+        prefix: Option<&PrefixKv>,
+        mut cache: Option<&mut KvCache>,
+        x: Tensor,
+        logits: Logits,
+        path: Path,
+        collect_kv: bool,
+    ) -> Result<(Option<Tensor>, Vec<(Tensor, Tensor)>)> {
+        let cfg = &self.cfg;
+        let (b, t, hidden) = x.dims3()?;
+        if t == 0 {
+            return Err(Error::Msg("forward needs at least one token".into()));
+        }
+        if hidden != cfg.hidden_size {
+            return Err(Error::Msg(format!(
+                "input width {hidden} does not match the model's hidden size {}",
+                cfg.hidden_size
+            )));
+        }
+        let prefix = prefix.filter(|p| !p.is_empty());
+        if let Some(p) = prefix {
+            p.check(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)?;
+        }
+        let p_len = prefix.map_or(0, PrefixKv::len);
+        let (past, pads) = match cache.as_deref() {
+            Some(c) => {
+                if c.batch() != b {
+                    return Err(Error::Msg(format!(
+                        "forward batch {b} does not match the KV cache batch {}",
+                        c.batch()
+                    )));
+                }
+                (c.len(), c.pads().to_vec())
+            }
+            None => (0, vec![0; b]),
+        };
+
+        // RoPE angles of the new slots: one shared table slice when nothing is padded, else per
+        // sequence (slot s of sequence b is at position P + s - pads[b]).
+        let (cos, sin) = if pads.iter().all(|&p| p == 0) {
+            self.rope.range(p_len + past, t)?
+        } else {
+            let positions: Vec<Vec<u32>> = pads
+                .iter()
+                .map(|&pad| {
+                    (0..t)
+                        .map(|i| (p_len + (past + i).saturating_sub(pad)) as u32)
+                        .collect()
+                })
+                .collect();
+            self.rope.gather(&positions)?
+        };
+        let mask = self.mask(&pads, past, t)?;
+
+        let mut x = x;
+        let mut kvs = Vec::new();
+        let n_layers = self.layers.len();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = ops::rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps, path)?;
+            let pl = prefix.and_then(|p| p.layer(li));
+            let (attn, k, v) = self.attention(
+                layer,
+                &h,
+                pl,
+                cache.as_deref_mut().map(|c| (c, li)),
+                (&cos, &sin),
+                mask.as_ref(),
+                path,
+            )?;
+            if collect_kv {
+                kvs.push((k, v));
+            }
+            x = (x + attn)?;
+            if li + 1 == n_layers && logits == Logits::None {
+                // Only K/V were asked for: the last MLP cannot change them.
+                break;
+            }
+            let h = ops::rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps, path)?;
+            let gate = layer.gate.forward(&h)?;
+            let up = layer.up.forward(&h)?;
+            // SiLU as x * sigmoid(x): candle's `silu` has a backward, but spelling it out keeps
+            // the training path independent of which unary ops are fused.
+            let act = (gate.clone() * candle_nn::ops::sigmoid(&gate)?)?;
+            x = (x + layer.down.forward(&(act * up)?)?)?;
+        }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        let out = match logits {
+            Logits::None => None,
+            Logits::All => {
+                let h = ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps, path)?;
+                Some(
+                    Linear {
+                        w: self.lm_head.clone(),
+                        b: None,
+                    }
+                    .forward(&h)?,
+                )
+            }
+            Logits::Last => {
+                let last = x.narrow(1, t - 1, 1)?;
+                let h = ops::rms_norm(&last, &self.norm, cfg.rms_norm_eps, path)?;
+                let l = Linear {
+                    w: self.lm_head.clone(),
+                    b: None,
+                }
+                .forward(&h)?;
+                Some(l.squeeze(1)?)
+            }
+        };
+        Ok((out, kvs))
+    }
+
+    /// Additive mask `[b, 1, 1, t, past + t]` over the cache part (the prefix is always visible),
+    /// or `None` when nothing is masked (one new token, no padding).
+    fn mask(&self, pads: &[usize], past: usize, t: usize) -> Result<Option<Tensor>> {
+        let b = pads.len();
+        if t == 1 && pads.iter().all(|&p| p == 0) {
+            return Ok(None);
+        }
+        let total = past + t;
+        let mut m = vec![0f32; b * t * total];
+        for (bi, &pad) in pads.iter().enumerate() {
+            for i in 0..t {
+                let q = past + i;
+                let row = &mut m[(bi * t + i) * total..(bi * t + i + 1) * total];
+                for (j, cell) in row.iter_mut().enumerate() {
+                    // Causal, and padding invisible — except a slot to itself, so that no softmax
+                    // row is empty (a pad query's output is never read).
+                    let visible = j <= q && (j >= pad || j == q);
+                    if !visible {
+                        *cell = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let m = Tensor::from_vec(m, (b, 1, 1, t, total), &self.device)?.to_dtype(self.dtype)?;
+        Ok(Some(m))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        prefix: Option<(&Tensor, &Tensor)>,
+        cache: Option<(&mut KvCache, usize)>,
+        (cos, sin): (&Tensor, &Tensor),
+        mask: Option<&Tensor>,
+        path: Path,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let cfg = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let (h, kvh, d) = (cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim);
+        let g = h / kvh;
+        let q = layer.q.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?;
+        let k = layer
+            .k
+            .forward(x)?
+            .reshape((b, t, kvh, d))?
+            .transpose(1, 2)?;
+        let v = layer
+            .v
+            .forward(x)?
+            .reshape((b, t, kvh, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let (q, k) = match (&layer.q_norm, &layer.k_norm) {
+            (Some(qn), Some(kn)) => (
+                ops::rms_norm(&q, qn, cfg.rms_norm_eps, path)?,
+                ops::rms_norm(&k, kn, cfg.rms_norm_eps, path)?,
+            ),
+            _ => (q, k),
+        };
+        let q = ops::rope(&q, cos, sin, path)?;
+        let k = ops::rope(&k, cos, sin, path)?.contiguous()?;
+        // Scale the queries (t*d values) rather than the scores (t*(P+T) values).
+        let q = (q * (1.0 / (d as f64).sqrt()))?.contiguous()?;
+        // Query heads of one KV head are adjacent: [b, h, t, d] == [b, kv, g*t, d], rows (g, t).
+        let qg = q.reshape((b, kvh, g * t, d))?;
+
+        let (kc, vc) = match cache {
+            Some((c, li)) => c.append(li, &k, &v)?,
+            None => (k.clone(), v.clone()),
+        };
+        let tc = kc.dim(2)?;
+        let sc = qg.matmul(&kc.t()?)?;
+        let sc = match mask {
+            Some(m) => {
+                sc.reshape((b, kvh, g, t, tc))?
+                    .broadcast_add(m)?
+                    .reshape((b, kvh, g * t, tc))?
+            }
+            None => sc,
+        };
+        let mut max = sc.max_keepdim(D::Minus1)?;
+
+        // Prefix scores in a [kv, b, g*t, P] layout: one 3-D matmul per KV head against the
+        // shared [kv, P, d] prefix, whatever the batch size.
+        let sp = match prefix {
+            Some((kp, _)) => {
+                let pl = kp.dim(1)?;
+                let qp = qg
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .reshape((kvh, b * g * t, d))?;
+                let sp = qp.matmul(&kp.t()?)?.reshape((kvh, b, g * t, pl))?;
+                max = max.maximum(&sp.max_keepdim(D::Minus1)?.transpose(0, 1)?)?;
+                Some(sp)
+            }
+            None => None,
+        };
+        // One softmax over prefix ++ cache: a common shift (a constant for the gradient, hence
+        // detached), exponentials of both parts, one denominator.
+        let max = max.detach();
+        let ec = sc.broadcast_sub(&max)?.exp()?;
+        let mut num = ec.matmul(&vc)?;
+        let mut den = ec.sum_keepdim(D::Minus1)?;
+        if let (Some(sp), Some((_, vp))) = (sp, prefix) {
+            let pl = vp.dim(1)?;
+            let ep = sp.broadcast_sub(&max.transpose(0, 1)?)?.exp()?;
+            let np = ep
+                .reshape((kvh, b * g * t, pl))?
+                .matmul(vp)?
+                .reshape((kvh, b, g * t, d))?
+                .transpose(0, 1)?;
+            let dp = ep.sum_keepdim(D::Minus1)?.transpose(0, 1)?;
+            num = (num + np)?;
+            den = (den + dp)?;
+        }
+        let out = num.broadcast_div(&den)?;
+        let out = out
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?;
+        Ok((layer.o.forward(&out)?, k, v))
+    }
+}

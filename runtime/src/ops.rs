@@ -1,0 +1,304 @@
+//! Numerical building blocks of the decoder, each in two flavours: a differentiable one made of
+//! elementary candle ops (the training path) and candle's fused kernel (the inference path).
+//!
+//! Why two: in candle 0.11 the fused `candle_nn::ops::rms_norm`, `softmax_last_dim` and
+//! `rotary_emb::rope` are custom ops without a backward, so a graph through them silently loses its
+//! gradient (DESIGN.md §3). The formulas follow the references: RMSNorm (Zhang & Sennrich 2019,
+//! `x / sqrt(mean(x^2) + eps) * w`), rotary embeddings in the Hugging Face "rotate half" layout (Su et
+//! al. 2021, RoFormer; `x * cos + rotate_half(x) * sin`), and the Llama 3 frequency scaling.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::error::{Error, Result};
+
+/// Which implementation of the fused-able ops a forward uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Differentiable formulations only: gradients reach every input (prefix K/V, soft prompts).
+    Train,
+    /// candle's fused kernels where they exist: faster, but they drop gradients.
+    Infer,
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Tensor> {
+    // candle's fused kernel has no f64 version: f64 (gradient checks) always takes the
+    // elementary formulation.
+    let path = if x.dtype() == DType::F64 {
+        Path::Train
+    } else {
+        path
+    };
+    match path {
+        Path::Infer => {
+            // The fused kernel wants a contiguous input; on the inference path a copy is cheap
+            // compared to the matmuls around it.
+            let x = x.contiguous()?;
+            Ok(candle_nn::ops::rms_norm(&x, weight, eps as f32)?)
+        }
+        Path::Train => {
+            let dtype = x.dtype();
+            // Accumulate in f32 for half types, as the fused kernel does, so both paths agree.
+            let internal = match dtype {
+                DType::F16 | DType::BF16 => DType::F32,
+                d => d,
+            };
+            let xf = x.to_dtype(internal)?;
+            let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+            let inv = (ms + eps)?.sqrt()?.recip()?;
+            let normed = xf.broadcast_mul(&inv)?.to_dtype(dtype)?;
+            Ok(normed.broadcast_mul(weight)?)
+        }
+    }
+}
+
+/// Rotary embedding in the rotate-half layout on `x: [b, heads, t, head_dim]`.
+///
+/// `cos` and `sin` are `[t, head_dim / 2]` (same positions for every sequence) or
+/// `[b, t, head_dim / 2]` (per-sequence positions).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, path: Path) -> Result<Tensor> {
+    match path {
+        Path::Infer => {
+            let x = x.contiguous()?;
+            Ok(candle_nn::rotary_emb::rope(&x, cos, sin)?)
+        }
+        Path::Train => {
+            let (b, _h, t, d) = x.dims4()?;
+            let half = d / 2;
+            // Bring cos/sin to [b or 1, 1, t, d/2] so they broadcast over heads.
+            let (cos, sin) = match cos.rank() {
+                2 => (cos.reshape((1, 1, t, half))?, sin.reshape((1, 1, t, half))?),
+                _ => (cos.reshape((b, 1, t, half))?, sin.reshape((b, 1, t, half))?),
+            };
+            let x1 = x.narrow(D::Minus1, 0, half)?;
+            let x2 = x.narrow(D::Minus1, half, half)?;
+            // [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]
+            let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+            let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+            Ok(Tensor::cat(&[&r1, &r2], D::Minus1)?)
+        }
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor, path: Path) -> Result<Tensor> {
+    match path {
+        Path::Infer => Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?),
+        Path::Train => {
+            // Shift-invariance makes the max a constant for the gradient: detaching it saves the
+            // backward of the max reduction without changing any gradient.
+            let m = x.max_keepdim(D::Minus1)?.detach();
+            let e = x.broadcast_sub(&m)?.exp()?;
+            let s = e.sum_keepdim(D::Minus1)?;
+            Ok(e.broadcast_div(&s)?)
+        }
+    }
+}
+
+/// Log-softmax over the last dimension (differentiable).
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&m)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// RoPE frequency scaling we implement.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// No scaling.
+    None,
+    /// Llama 3.1 "llama3" scaling: long wavelengths divided by `factor`, short ones kept, a smooth
+    /// blend in between.
+    Llama3 {
+        /// Overall factor.
+        factor: f64,
+        /// Wavelengths longer than `original / low_freq_factor` are fully scaled.
+        low_freq_factor: f64,
+        /// Wavelengths shorter than `original / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// Context length the model was pre-trained with.
+        original_max_position_embeddings: f64,
+    },
+}
+
+impl RopeScaling {
+    /// Parse the `rope_scaling` JSON of a `config.json` (as kept in `ModelConfig::rope_scaling`).
+    pub fn from_json(json: Option<&str>) -> Result<Self> {
+        let Some(json) = json else {
+            return Ok(RopeScaling::None);
+        };
+        let v: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| Error::Msg(format!("rope_scaling is not valid JSON: {e}")))?;
+        let kind = v
+            .get("rope_type")
+            .or_else(|| v.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("");
+        let num = |key: &str| -> Result<f64> {
+            v.get(key)
+                .and_then(|x| x.as_f64())
+                .ok_or_else(|| Error::Msg(format!("rope_scaling of type {kind:?} lacks {key}")))
+        };
+        match kind {
+            "default" => Ok(RopeScaling::None),
+            "llama3" => Ok(RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")?,
+            }),
+            other => Err(Error::Msg(format!(
+                "unsupported rope_scaling type {other:?} (supported: llama3)"
+            ))),
+        }
+    }
+
+    fn apply(&self, freq: f64) -> f64 {
+        match *self {
+            RopeScaling::None => freq,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                if wavelen < high_wavelen {
+                    freq
+                } else if wavelen > low_wavelen {
+                    freq / factor
+                } else {
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * freq / factor + smooth * freq
+                }
+            }
+        }
+    }
+}
+
+/// Precomputed `cos`/`sin` tables `[max_positions, head_dim / 2]`.
+#[derive(Debug, Clone)]
+pub struct RopeTables {
+    /// Cosines.
+    pub cos: Tensor,
+    /// Sines.
+    pub sin: Tensor,
+    /// Number of positions covered.
+    pub max_positions: usize,
+}
+
+impl RopeTables {
+    /// Compute the tables once; angles in f64, stored in `dtype`.
+    pub fn new(
+        head_dim: usize,
+        theta: f64,
+        scaling: &RopeScaling,
+        max_positions: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let half = head_dim / 2;
+        let freqs: Vec<f64> = (0..half)
+            .map(|i| scaling.apply(1.0 / theta.powf((2 * i) as f64 / head_dim as f64)))
+            .collect();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for f in &freqs {
+                let a = p as f64 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (max_positions, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (max_positions, half), device)?.to_dtype(dtype)?;
+        Ok(Self {
+            cos,
+            sin,
+            max_positions,
+        })
+    }
+
+    fn check(&self, end: usize) -> Result<()> {
+        if end > self.max_positions {
+            return Err(Error::Msg(format!(
+                "position {} is beyond the model's RoPE table ({} positions)",
+                end - 1,
+                self.max_positions
+            )));
+        }
+        Ok(())
+    }
+
+    /// `cos`/`sin` for the consecutive positions `start..start + len`: `[len, head_dim / 2]`.
+    pub fn range(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        self.check(start + len)?;
+        Ok((
+            self.cos.narrow(0, start, len)?,
+            self.sin.narrow(0, start, len)?,
+        ))
+    }
+
+    /// `cos`/`sin` for per-sequence positions `positions[b][t]`: `[b, t, head_dim / 2]`.
+    pub fn gather(&self, positions: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
+        let b = positions.len();
+        let t = positions.first().map_or(0, |p| p.len());
+        let flat: Vec<u32> = positions.iter().flatten().copied().collect();
+        if let Some(&m) = flat.iter().max() {
+            self.check(m as usize + 1)?;
+        }
+        let idx = Tensor::from_vec(flat, b * t, self.cos.device())?;
+        let half = self.cos.dim(1)?;
+        let cos = self.cos.index_select(&idx, 0)?.reshape((b, t, half))?;
+        let sin = self.sin.index_select(&idx, 0)?.reshape((b, t, half))?;
+        Ok((cos, sin))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_and_infer_paths_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, 8, &dev)?;
+        let a = rms_norm(&x, &w, 1e-5, Path::Train)?;
+        let b = rms_norm(&x, &w, 1e-5, Path::Infer)?;
+        assert!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
+
+        let tables = RopeTables::new(8, 10_000.0, &RopeScaling::None, 16, DType::F32, &dev)?;
+        let (c, s) = tables.range(3, 5)?;
+        let a = rope(&x, &c, &s, Path::Train)?;
+        let b = rope(&x, &c, &s, Path::Infer)?;
+        assert!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
+        let pos = vec![(3..8).collect::<Vec<u32>>(), (1..6).collect()];
+        let (c2, s2) = tables.gather(&pos)?;
+        let a = rope(&x, &c2, &s2, Path::Train)?;
+        let b = rope(&x, &c2, &s2, Path::Infer)?;
+        assert!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
+
+        let a = softmax_last_dim(&x, Path::Train)?;
+        let b = softmax_last_dim(&x, Path::Infer)?;
+        assert!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn llama3_scaling_parses_and_rejects_others() {
+        let s = RopeScaling::from_json(Some(
+            r#"{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
+        ));
+        assert!(matches!(s, Ok(RopeScaling::Llama3 { .. })));
+        assert!(RopeScaling::from_json(Some(r#"{"type":"yarn","factor":4.0}"#)).is_err());
+        assert!(matches!(
+            RopeScaling::from_json(None),
+            Ok(RopeScaling::None)
+        ));
+    }
+}

@@ -1,0 +1,212 @@
+//! The prefix stack: KV cartridges, then soft prompts, in front of the user's tokens
+//! (Eyuboglu et al. 2025, "Cartridges", §3 and DESIGN.md §3/§6; soft prompts after Lester et al. 2021,
+//! "The Power of Scale for Parameter-Efficient Prompt Tuning").
+//!
+//! # Positions
+//! A cartridge stores, per layer, keys **after** RoPE and values, `[num_kv_heads, p, head_dim]`.
+//! The runtime never re-rotates stored keys: a key keeps the position it was computed (or trained)
+//! at. A cartridge trained on its own carries positions `0..p-1`. Composing cartridges concatenates
+//! them along the sequence axis in the order given, so a composed second cartridge still carries
+//! *its own* positions (`0..p2-1` if trained alone) — that is the paper's composition. A cartridge
+//! made from the KV of a corpus part computed *after* an earlier part (positions `p1..p1+p2-1`,
+//! see [`crate::models::Transformer::prefix_kv`]) carries those positions instead, and then the
+//! composition is exactly the KV of the concatenated text. Since every key carries its own
+//! rotation and every query sees every prefix slot, the order of slots inside the prefix does not
+//! change the user's logits (only the total length `P` does); the order still matters for
+//! soft prompts, which attend causally to what precedes them.
+//!
+//! Soft prompts are input embeddings `[n, hidden]`; they are ordinary causal tokens placed after
+//! all cartridges, at positions `P_c..P_c+n-1` (`P_c` = total cartridge length). Because they see only
+//! the cartridges and themselves, the stack resolves them once into KV ([`PrefixStack::resolve`])
+//! shared by every sequence of a batch; on the training path that resolution keeps the graph, so
+//! gradients reach the soft-prompt embeddings through their K/V.
+//!
+//! The user's tokens start at position `P` = total prefix length (cartridge slots + soft-prompt
+//! tokens). Every query sees every prefix slot.
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+use crate::models::Transformer;
+use crate::ops::Path;
+
+/// Per-layer keys (post-RoPE) and values of `p` prefix slots, each `[num_kv_heads, p, head_dim]`.
+///
+/// This is what a cartridge is at run time; the tensors may be candle `Var`s (training).
+#[derive(Debug, Clone)]
+pub struct PrefixKv {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+}
+
+impl PrefixKv {
+    /// Build from per-layer `(k, v)`, each `[num_kv_heads, p, head_dim]` with the same `p`.
+    pub fn new(layers: Vec<(Tensor, Tensor)>) -> Result<Self> {
+        let Some((k0, _)) = layers.first() else {
+            return Err(Error::Msg("a prefix needs at least one layer".into()));
+        };
+        let (_, len, _) = k0.dims3()?;
+        for (i, (k, v)) in layers.iter().enumerate() {
+            if k.dims() != v.dims() || k.rank() != 3 || k.dim(1)? != len {
+                return Err(Error::Msg(format!(
+                    "prefix layer {i}: k {:?} and v {:?} must both be [kv_heads, {len}, head_dim]",
+                    k.dims(),
+                    v.dims()
+                )));
+            }
+        }
+        Ok(Self { layers, len })
+    }
+
+    /// Number of prefix slots `p`.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no slots.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Keys and values of layer `i`.
+    pub fn layer(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
+        self.layers.get(i).map(|(k, v)| (k, v))
+    }
+
+    /// All layers.
+    pub fn layers(&self) -> &[(Tensor, Tensor)] {
+        &self.layers
+    }
+
+    /// Concatenate along the sequence axis, in order (composition). Keys are not re-rotated.
+    pub fn concat(parts: &[&PrefixKv]) -> Result<PrefixKv> {
+        let Some(first) = parts.first() else {
+            return Err(Error::Msg("nothing to concatenate".into()));
+        };
+        if parts.len() == 1 {
+            return Ok((*first).clone());
+        }
+        let n = first.num_layers();
+        if parts.iter().any(|p| p.num_layers() != n) {
+            return Err(Error::Msg(
+                "cannot compose prefixes with different layer counts".into(),
+            ));
+        }
+        let mut layers = Vec::with_capacity(n);
+        for i in 0..n {
+            let ks: Vec<&Tensor> = parts.iter().map(|p| &p.layers[i].0).collect();
+            let vs: Vec<&Tensor> = parts.iter().map(|p| &p.layers[i].1).collect();
+            // `.contiguous()`: cat on a non-zero dim can yield a layout batched matmul rejects
+            // (DESIGN.md §3).
+            layers.push((
+                Tensor::cat(&ks, 1)?.contiguous()?,
+                Tensor::cat(&vs, 1)?.contiguous()?,
+            ));
+        }
+        PrefixKv::new(layers)
+    }
+
+    /// Slots `start..start + len` of every layer.
+    pub fn narrow(&self, start: usize, len: usize) -> Result<PrefixKv> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((k.narrow(1, start, len)?, v.narrow(1, start, len)?)))
+            .collect::<Result<Vec<_>>>()?;
+        PrefixKv::new(layers)
+    }
+
+    /// Check this prefix fits a model with these shapes.
+    pub(crate) fn check(&self, num_layers: usize, kv_heads: usize, head_dim: usize) -> Result<()> {
+        if self.layers.len() != num_layers {
+            return Err(Error::Msg(format!(
+                "prefix has {} layers, the model {num_layers}",
+                self.layers.len()
+            )));
+        }
+        let (h, _, d) = self.layers[0].0.dims3()?;
+        if h != kv_heads || d != head_dim {
+            return Err(Error::Msg(format!(
+                "prefix K/V are [{h}, p, {d}], the model wants [{kv_heads}, p, {head_dim}]"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Zero or more cartridges followed by zero or more soft prompts.
+#[derive(Debug, Clone, Default)]
+pub struct PrefixStack {
+    /// KV cartridges, composed in this order.
+    pub cartridges: Vec<PrefixKv>,
+    /// Soft prompts `[n, hidden]`, placed after all cartridges, in this order.
+    pub soft_prompts: Vec<Tensor>,
+}
+
+impl PrefixStack {
+    /// An empty stack.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Append a cartridge.
+    pub fn with_cartridge(mut self, kv: PrefixKv) -> Self {
+        self.cartridges.push(kv);
+        self
+    }
+
+    /// Append a soft prompt `[n, hidden]`.
+    pub fn with_soft_prompt(mut self, embeddings: Tensor) -> Self {
+        self.soft_prompts.push(embeddings);
+        self
+    }
+
+    /// Total prefix length `P` (cartridge slots + soft-prompt tokens): the user's first position.
+    pub fn len(&self) -> usize {
+        let c: usize = self.cartridges.iter().map(PrefixKv::len).sum();
+        let s: usize = self
+            .soft_prompts
+            .iter()
+            .map(|t| t.dim(0).unwrap_or(0))
+            .sum();
+        c + s
+    }
+
+    /// Whether the stack is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Turn the stack into one [`PrefixKv`] of length [`Self::len`]: cartridges concatenated, then
+    /// the soft prompts run (once, batch 1) after them and replaced by their per-layer K/V.
+    ///
+    /// With [`Path::Train`] the result stays connected to the cartridge tensors and soft-prompt
+    /// embeddings, so a loss on the logits back-propagates into them. Returns `None` for an empty
+    /// stack.
+    pub fn resolve(&self, model: &Transformer, path: Path) -> Result<Option<PrefixKv>> {
+        let carts: Vec<&PrefixKv> = self.cartridges.iter().filter(|c| !c.is_empty()).collect();
+        let cart = if carts.is_empty() {
+            None
+        } else {
+            Some(PrefixKv::concat(&carts)?)
+        };
+        let softs: Vec<&Tensor> = self.soft_prompts.iter().collect();
+        if softs.is_empty() {
+            return Ok(cart);
+        }
+        let embeds = Tensor::cat(&softs, 0)?;
+        if embeds.dim(0)? == 0 {
+            return Ok(cart);
+        }
+        let soft_kv = model.embeds_kv(cart.as_ref(), &embeds, path)?;
+        match cart {
+            Some(c) => Ok(Some(PrefixKv::concat(&[&c, &soft_kv])?)),
+            None => Ok(Some(soft_kv)),
+        }
+    }
+}
