@@ -2,6 +2,7 @@
 
 mod commands;
 mod output;
+mod session;
 
 use std::process::ExitCode;
 
@@ -19,6 +20,10 @@ struct Cli {
 enum Command {
     /// Show what a .cart file holds (kind, model, dims, sizes, provenance); --verify checks every checksum.
     Inspect(commands::inspect::Args),
+    /// Generate a completion for one prompt, optionally with cartridges and a soft prompt in front.
+    Generate(commands::generate::Args),
+    /// Chat interactively with the model (and its cartridges); /reset, /exit.
+    Chat(commands::chat::Args),
 }
 
 /// Exit status for bad input (a corrupt or foreign file, a model mismatch); usage errors also give 2.
@@ -28,12 +33,29 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => commands::inspect::run(args),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Chat(args) => commands::chat::run(args),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            if is_bad_input(&e) {
+                ExitCode::from(EXIT_BAD_INPUT)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// Whether an error is about the user's input (a corrupt or foreign `.cart`, a model mismatch).
+fn is_bad_input(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause.is::<cartridge_formats::cart::CartError>()
+            || matches!(
+                cause.downcast_ref::<cartridge_runtime::Error>(),
+                Some(cartridge_runtime::Error::Cart(_))
+            )
+    })
 }

@@ -67,11 +67,19 @@ fn good_file_text_and_json() {
     let z = dir.path().join("z.cart");
     write_sample(&a, Compression::None);
     write_sample(&z, Compression::Zstd);
-    let out = cartridge(&["inspect", "--verify", a.to_str().unwrap(), z.to_str().unwrap()]);
+    let out = cartridge(&[
+        "inspect",
+        "--verify",
+        a.to_str().unwrap(),
+        z.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(stdout.contains("KV cartridge"), "{stdout}");
-    assert!(stdout.contains("2 layers x 2 KV heads x 4 head dim, 8 tokens (1 frozen)"), "{stdout}");
+    assert!(
+        stdout.contains("2 layers x 2 KV heads x 4 head dim, 8 tokens (1 frozen)"),
+        "{stdout}"
+    );
     assert!(stdout.contains("zstd"), "{stdout}");
     assert!(stdout.contains("4 tensor checksums OK"), "{stdout}");
 
@@ -114,8 +122,14 @@ fn bad_files_exit_2_with_one_line_each() {
         assert_eq!(out.status.code(), Some(2), "{}", path.display());
         let err = text(&out.stderr);
         assert_eq!(err.lines().count(), 1, "one line: {err}");
-        assert!(err.contains(want) && err.contains(path.to_str().unwrap()), "{err}");
-        assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+        assert!(
+            err.contains(want) && err.contains(path.to_str().unwrap()),
+            "{err}"
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("backtrace"),
+            "{err}"
+        );
     }
 
     // A flipped payload bit opens fine (no payload read) and is caught by --verify.
@@ -127,7 +141,12 @@ fn bad_files_exit_2_with_one_line_each() {
     assert!(err.contains("checksum mismatch"), "{err}");
 
     // Mixed good and bad: the good one is reported, the exit says something failed.
-    let out = cartridge(&["inspect", "--json", good.to_str().unwrap(), empty.to_str().unwrap()]);
+    let out = cartridge(&[
+        "inspect",
+        "--json",
+        good.to_str().unwrap(),
+        empty.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["ok"], true);

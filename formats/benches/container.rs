@@ -195,7 +195,7 @@ fn main() {
     zstd_figures("synthetic gaussian f32 KV (64 MiB)", sample);
     for path in args {
         let f = CartFile::open(Path::new(&path)).expect("open cartridge");
-        zstd_figures(&format!("{path}"), f.raw_payload());
+        zstd_figures(&path, f.raw_payload());
     }
 }
 

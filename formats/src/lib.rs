@@ -31,5 +31,6 @@
 pub mod atomic;
 pub mod cart;
 pub mod fingerprint;
+pub mod time;
 
 pub use fingerprint::{ModelFingerprint, WeightSampler};

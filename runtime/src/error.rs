@@ -47,6 +47,9 @@ pub enum Error {
     /// No model where we looked.
     #[error("{0}")]
     ModelNotFound(String),
+    /// A `.cart` file is corrupt, foreign, or made for another model.
+    #[error(transparent)]
+    Cart(#[from] cartridge_formats::cart::CartError),
     /// Anything else, with a message that says what.
     #[error("{0}")]
     Msg(String),

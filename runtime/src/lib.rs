@@ -4,6 +4,7 @@
 
 pub mod models;
 
+pub mod cartridge_file;
 pub mod chat_template;
 pub mod error;
 pub mod gguf;

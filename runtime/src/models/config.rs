@@ -143,7 +143,9 @@ impl ModelConfig {
             .head_dim
             .unwrap_or(hf.hidden_size / hf.num_attention_heads);
         let eos_token_ids = match hf.eos_token_id {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
+            }
             Some(serde_json::Value::Array(a)) => a
                 .iter()
                 .filter_map(|v| v.as_u64().map(|v| v as u32))

@@ -1,0 +1,154 @@
+//! What `generate` and `chat` share: model options, prefix options, sampling options, and a loaded
+//! session (model + resolved prefix stack) built from them.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use cartridge_runtime::cartridge_file::{load_cartridge, load_soft_prompt};
+use cartridge_runtime::chat_template::ChatMessage;
+use cartridge_runtime::generate::SamplingParams;
+use cartridge_runtime::loader::{self, LoadedModel};
+use cartridge_runtime::{Path as ComputePath, PrefixKv, PrefixStack, Transformer};
+
+/// Which model to run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// A `.gguf` file or a Hugging Face model folder [default: SmolLM2-135M-Instruct fetched by
+    /// scripts/fetch-model.sh, or $CARTRIDGE_MODEL].
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+}
+
+/// What goes in front of the user's tokens.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PrefixArgs {
+    /// A KV cartridge to attend to; repeat to compose several (in the order given).
+    #[arg(long = "cartridge", value_name = "FILE.cart")]
+    pub cartridges: Vec<PathBuf>,
+    /// A soft prompt placed after the cartridges (its summary text, if any, becomes the system message).
+    #[arg(long, value_name = "FILE.cart")]
+    pub soft_prompt: Option<PathBuf>,
+}
+
+/// How to pick tokens.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most probable tokens up to this probability mass.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Keep only the K most probable tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Random seed (sampling is reproducible for a given seed).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    /// Check ranges and build the runtime's parameters.
+    pub fn params(&self) -> Result<SamplingParams> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            anyhow::bail!("--temperature must be a finite number >= 0");
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                anyhow::bail!("--top-p must be in (0, 1]");
+            }
+        }
+        if self.top_k == Some(0) {
+            anyhow::bail!("--top-k must be at least 1");
+        }
+        Ok(SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        })
+    }
+}
+
+/// A model loaded with its prefix resolved, ready to generate.
+pub struct Session {
+    /// Tokenizer, template, fingerprint.
+    pub loaded: LoadedModel,
+    /// The forward.
+    pub model: Transformer,
+    /// Cartridges and soft prompt resolved into one KV prefix (None when empty).
+    pub prefix: Option<PrefixKv>,
+    /// Summary text of the soft prompt, if it has one.
+    pub summary: Option<String>,
+    /// Seconds spent loading the model and the prefix.
+    pub load_seconds: f64,
+}
+
+impl Session {
+    /// Load the model, then verify, model-check and resolve the prefix stack.
+    pub fn open(model: &ModelArgs, prefix: &PrefixArgs) -> Result<Self> {
+        let start = Instant::now();
+        let device = Device::Cpu;
+        let path = loader::resolve_model_path(model.model.as_deref())?;
+        let loaded = loader::load(&path, &device)
+            .with_context(|| format!("loading model {}", path.display()))?;
+        let transformer = Transformer::load(loaded.var_builder(), &loaded.config)?;
+        let mut stack = PrefixStack::new();
+        for cart in &prefix.cartridges {
+            stack = stack.with_cartridge(load_cartridge(cart, &loaded.fingerprint, &device)?);
+        }
+        let mut summary = None;
+        if let Some(sp) = &prefix.soft_prompt {
+            let soft = load_soft_prompt(sp, &loaded.fingerprint, &device)?;
+            summary = soft.summary;
+            stack = stack.with_soft_prompt(soft.embeddings);
+        }
+        let resolved = stack.resolve(&transformer, ComputePath::Infer)?;
+        Ok(Self {
+            loaded,
+            model: transformer,
+            prefix: resolved,
+            summary,
+            load_seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Length of the prefix (the user's first position).
+    pub fn prefix_len(&self) -> usize {
+        self.prefix.as_ref().map_or(0, PrefixKv::len)
+    }
+
+    /// Token ids for a chat conversation, rendered by the model's chat template with the
+    /// generation prompt. A soft prompt's summary becomes the system message.
+    pub fn chat_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let template = self.loaded.chat_template.as_ref().context(
+            "this model has no chat template; use --raw to feed the prompt as plain text",
+        )?;
+        let mut all = Vec::with_capacity(messages.len() + 1);
+        if let Some(s) = &self.summary {
+            all.push(ChatMessage::new("system", s.clone()));
+        }
+        all.extend_from_slice(messages);
+        let text = template.render(&all, true)?;
+        Ok(self.loaded.tokenizer.encode(&text, false)?)
+    }
+
+    /// Token ids of plain text (no template). A soft prompt's summary goes first, on its own line.
+    pub fn raw_ids(&self, text: &str) -> Result<Vec<u32>> {
+        let text = match &self.summary {
+            Some(s) => format!("{s}\n{text}"),
+            None => text.to_string(),
+        };
+        Ok(self.loaded.tokenizer.encode(&text, false)?)
+    }
+
+    /// Decode ids to text (special tokens skipped).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.loaded.tokenizer.decode(ids, true).unwrap_or_default()
+    }
+}
