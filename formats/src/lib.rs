@@ -30,6 +30,7 @@
 
 pub mod atomic;
 pub mod cart;
+pub mod dataset;
 pub mod fingerprint;
 pub mod time;
 
