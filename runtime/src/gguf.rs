@@ -306,6 +306,87 @@ impl GgufFile {
     }
 }
 
+impl GgufFile {
+    /// Every tensor still quantised (for a `QMatMul` inference path), under its Hugging Face name,
+    /// with Llama Q/K rows de-permuted like [`GgufFile::load_weights`]. Quantisation blocks run
+    /// along a row, so moving whole rows moves whole blocks and loses nothing: dequantising the
+    /// result gives exactly the tensors of `load_weights`.
+    pub fn load_quantized(
+        &self,
+        cfg: &ModelConfig,
+        device: &Device,
+    ) -> Result<BTreeMap<String, QTensor>> {
+        let file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        let mut reader = BufReader::new(file);
+        let mut out = BTreeMap::new();
+        for gguf_name in self.tensor_names() {
+            let Some(hf) = hf_name(gguf_name) else {
+                continue;
+            };
+            let info = self
+                .content
+                .tensor_infos
+                .get(gguf_name)
+                .ok_or_else(|| self.err(format!("tensor {gguf_name:?} is missing")))?;
+            let q = info
+                .read(&mut reader, self.content.tensor_data_offset, &Device::Cpu)
+                .map_err(|e| self.err(format!("tensor {gguf_name:?}: {e}")))?;
+            let heads = match cfg.architecture {
+                Architecture::Llama if hf.ends_with("self_attn.q_proj.weight") => {
+                    Some(cfg.num_attention_heads)
+                }
+                Architecture::Llama if hf.ends_with("self_attn.k_proj.weight") => {
+                    Some(cfg.num_kv_heads)
+                }
+                _ => None,
+            };
+            let dims = q.shape().dims().to_vec();
+            let data = q.data()?;
+            let bytes = match heads {
+                Some(n) => unpermute_rows_bytes(&data, dims.first().copied().unwrap_or(0), n)
+                    .map_err(|m| self.err(format!("tensor {gguf_name:?}: {m}")))?,
+                None => data.into_owned(),
+            };
+            let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                info.ggml_dtype,
+                &bytes,
+                dims,
+                device,
+            )
+            .map_err(|e| self.err(format!("tensor {gguf_name:?}: {e}")))?;
+            out.insert(hf, q);
+        }
+        Ok(out)
+    }
+}
+
+/// [`unpermute_qk_rows`] on the raw bytes of a row-major tensor of `rows` equal-sized rows.
+fn unpermute_rows_bytes(data: &[u8], rows: usize, n_heads: usize) -> Result<Vec<u8>, String> {
+    if rows == 0 || n_heads == 0 || rows % n_heads != 0 || (rows / n_heads) % 2 != 0 {
+        return Err(format!(
+            "cannot de-permute {rows} rows into {n_heads} heads of even width"
+        ));
+    }
+    if data.len() % rows != 0 {
+        return Err(format!(
+            "{} bytes do not split into {rows} rows",
+            data.len()
+        ));
+    }
+    let row = data.len() / rows;
+    let d = rows / n_heads;
+    let mut out = Vec::with_capacity(data.len());
+    for h in 0..n_heads {
+        for a in 0..2 {
+            for j in 0..d / 2 {
+                let src = (h * d + 2 * j + a) * row;
+                out.extend_from_slice(data.get(src..src + row).ok_or("row out of range")?);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The Hugging Face name of a GGUF tensor, or `None` for tensors we do not map.
 pub fn hf_name(gguf_name: &str) -> Option<String> {
     let simple = match gguf_name {

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::model_fingerprint;
 use crate::models::config::ModelConfig;
+use crate::models::Transformer;
 use crate::tokenizer::Tokenizer;
 
 /// File name of the default model inside `<cache>/models/`.
@@ -59,6 +60,11 @@ impl LoadedModel {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         candle_nn::VarBuilder::from_tensors(map, DType::F32, &self.device)
+    }
+
+    /// The forward pass over these weights (f32). The tensors are shared, not copied.
+    pub fn transformer(&self) -> Result<Transformer> {
+        Transformer::load(self.var_builder(), &self.config)
     }
 }
 

@@ -68,7 +68,7 @@ fn loaded() -> Option<&'static Loaded> {
     M.get_or_init(|| {
         let path = model_path()?;
         let model = loader::load(&path, &Device::Cpu).expect("the default model loads");
-        let net = Transformer::load(model.var_builder(), &model.config).expect("forward loads");
+        let net = model.transformer().expect("forward loads");
         Some(Loaded { model, net })
     })
     .as_ref()
@@ -327,6 +327,26 @@ fn qk_rows_are_in_hugging_face_layout() {
         assert_ne!(hf[1], raw[1]);
         let back = gguf::permute_qk_rows(&weights[hf_name], heads).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), raw);
+    }
+    // The quantised copy (for a QMatMul path) is de-permuted the same way, losslessly.
+    let q = g
+        .load_quantized(&cfg, &Device::Cpu)
+        .expect("quantised weights");
+    assert_eq!(q.len(), weights.len());
+    for name in [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.7.self_attn.k_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+    ] {
+        let deq = q[name].dequantize(&Device::Cpu).unwrap();
+        let diff = (deq - &weights[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
     }
     // V and every other tensor keep GGUF row order.
     let raw = g.dequantize_raw("blk.0.attn_v.weight").unwrap();
