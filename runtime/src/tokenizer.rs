@@ -18,6 +18,7 @@ use serde_json::{json, Value as Json};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 
+const TOKEN_TYPE_UNKNOWN: i64 = 2;
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
@@ -99,10 +100,14 @@ fn as_i64(v: &candle_core::quantized::gguf_file::Value) -> Option<i64> {
 /// The `tokenizer.json` document equivalent to a GGUF file's tokenizer metadata.
 pub fn gguf_tokenizer_json(gguf: &GgufFile) -> Result<Json> {
     let model = gguf.get_str("tokenizer.ggml.model")?;
+    if model == "llama" {
+        return sentencepiece_tokenizer_json(gguf);
+    }
     if model != "gpt2" {
         return Err(Error::Tokenizer(format!(
-            "{}: GGUF tokenizer model {model:?} is not supported (only byte-level BPE, \"gpt2\"); \
-             load the model from a Hugging Face folder with tokenizer.json instead",
+            "{}: GGUF tokenizer model {model:?} is not supported (byte-level BPE \"gpt2\" and \
+             SentencePiece BPE \"llama\" are); load the model from a Hugging Face folder with \
+             tokenizer.json instead",
             gguf.path().display()
         )));
     }
@@ -183,6 +188,138 @@ pub fn gguf_tokenizer_json(gguf: &GgufFile) -> Result<Json> {
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+            "ignore_merges": false, "vocab": vocab, "merges": merges,
+        },
+    }))
+}
+
+/// Token texts and llama.cpp token types of a GGUF (type 1, normal, when the file has none).
+fn gguf_tokens(gguf: &GgufFile) -> Result<(Vec<String>, Vec<i64>)> {
+    let tokens = gguf
+        .get_array("tokenizer.ggml.tokens")?
+        .iter()
+        .enumerate()
+        .map(|(id, t)| {
+            t.to_string()
+                .cloned()
+                .map_err(|e| Error::Tokenizer(format!("token {id}: {e}")))
+        })
+        .collect::<Result<Vec<String>>>()?;
+    let types = match gguf.metadata().get("tokenizer.ggml.token_type") {
+        Some(_) => gguf
+            .get_array("tokenizer.ggml.token_type")?
+            .iter()
+            .map(|v| as_i64(v).unwrap_or(1))
+            .collect(),
+        None => vec![1; tokens.len()],
+    };
+    if types.len() != tokens.len() {
+        return Err(Error::Tokenizer(format!(
+            "{}: {} token types for {} tokens",
+            gguf.path().display(),
+            types.len(),
+            tokens.len()
+        )));
+    }
+    Ok((tokens, types))
+}
+
+/// The `tokenizer.json` of a SentencePiece BPE model (Llama 1/2, TinyLlama, Mistral v1), built the
+/// way Hugging Face converts a SentencePiece model (`convert_slow_tokenizer.py`, `LlamaConverter`):
+/// a `▁` is prepended and spaces become `▁`, BPE with byte fallback over `<0xXX>` tokens, and the
+/// merges recovered from the vocabulary: every split of a piece into two pieces that are both in
+/// the vocabulary, ordered by the merged piece's score (highest first), ties by the halves' ids.
+pub fn sentencepiece_tokenizer_json(gguf: &GgufFile) -> Result<Json> {
+    let (tokens, types) = gguf_tokens(gguf)?;
+    let scores: Vec<f32> = match gguf.metadata().get("tokenizer.ggml.scores") {
+        Some(_) => gguf
+            .get_array("tokenizer.ggml.scores")?
+            .iter()
+            .map(|v| match v {
+                candle_core::quantized::gguf_file::Value::F32(x) => *x,
+                candle_core::quantized::gguf_file::Value::F64(x) => *x as f32,
+                _ => 0.0,
+            })
+            .collect(),
+        None => vec![0.0; tokens.len()],
+    };
+    if scores.len() != tokens.len() {
+        return Err(Error::Tokenizer(format!(
+            "{}: {} scores for {} tokens",
+            gguf.path().display(),
+            scores.len(),
+            tokens.len()
+        )));
+    }
+    let mut ids: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+    for (id, t) in tokens.iter().enumerate() {
+        ids.entry(t.as_str()).or_insert(id as u32);
+    }
+    // Merges as Hugging Face's SentencePieceExtractor derives them.
+    let mut merges: Vec<(f32, usize, u32, u32)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        let mut local = Vec::new();
+        for (cut, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(cut);
+            if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r)) {
+                local.push((li, ri));
+            }
+        }
+        local.sort_unstable();
+        merges.extend(local.into_iter().map(|(l, r)| (scores[id], id, l, r)));
+    }
+    // Stable sort by score, highest first: ties keep vocabulary order.
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let merges: Vec<Json> = merges
+        .iter()
+        .map(|&(_, _, l, r)| json!([tokens[l as usize], tokens[r as usize]]))
+        .collect();
+
+    let mut vocab = serde_json::Map::with_capacity(tokens.len());
+    let mut added = Vec::new();
+    let mut unk = None;
+    for (id, (text, &ty)) in tokens.iter().zip(&types).enumerate() {
+        vocab.entry(text.clone()).or_insert(json!(id));
+        if ty == TOKEN_TYPE_UNKNOWN && unk.is_none() {
+            unk = Some(text.clone());
+        }
+        if ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED || ty == TOKEN_TYPE_UNKNOWN {
+            added.push(json!({
+                "id": id, "content": text, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": ty != TOKEN_TYPE_USER_DEFINED,
+            }));
+        }
+    }
+    let add_space_prefix = match gguf.metadata().get("tokenizer.ggml.add_space_prefix") {
+        Some(candle_core::quantized::gguf_file::Value::Bool(b)) => *b,
+        _ => true,
+    };
+    let mut normalizers = Vec::new();
+    if add_space_prefix {
+        normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
+    }
+    normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if add_space_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        // BOS is the caller's business (`bos_token_id`), as for the byte-level models.
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
             "ignore_merges": false, "vocab": vocab, "merges": merges,
         },
     }))

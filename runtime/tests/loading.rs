@@ -124,17 +124,7 @@ fn gguf_name(hf: &str) -> String {
 fn write_gguf(path: &Path, weights: &HashMap<String, Tensor>, pre: &str) {
     let (tokens, types, merges) = vocab();
     let s = |x: &str| Value::String(x.to_string());
-    let md: Vec<(&str, Value)> = vec![
-        ("general.architecture", s("llama")),
-        ("llama.block_count", Value::U32(LAYERS as u32)),
-        ("llama.context_length", Value::U32(256)),
-        ("llama.embedding_length", Value::U32(HIDDEN as u32)),
-        ("llama.feed_forward_length", Value::U32(INTER as u32)),
-        ("llama.attention.head_count", Value::U32(HEADS as u32)),
-        ("llama.attention.head_count_kv", Value::U32(KV_HEADS as u32)),
-        ("llama.rope.freq_base", Value::F32(10_000.0)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
-        ("llama.vocab_size", Value::U32(tokens.len() as u32)),
+    let tok_md = vec![
         ("tokenizer.ggml.model", s("gpt2")),
         ("tokenizer.ggml.pre", s(pre)),
         (
@@ -149,10 +139,33 @@ fn write_gguf(path: &Path, weights: &HashMap<String, Tensor>, pre: &str) {
             "tokenizer.ggml.merges",
             Value::Array(merges.iter().map(|m| s(m)).collect()),
         ),
+    ];
+    write_gguf_md(path, weights, tokens.len(), tok_md);
+}
+
+fn write_gguf_md(
+    path: &Path,
+    weights: &HashMap<String, Tensor>,
+    vocab_size: usize,
+    tok_md: Vec<(&str, Value)>,
+) {
+    let s = |x: &str| Value::String(x.to_string());
+    let mut md: Vec<(&str, Value)> = vec![
+        ("general.architecture", s("llama")),
+        ("llama.block_count", Value::U32(LAYERS as u32)),
+        ("llama.context_length", Value::U32(256)),
+        ("llama.embedding_length", Value::U32(HIDDEN as u32)),
+        ("llama.feed_forward_length", Value::U32(INTER as u32)),
+        ("llama.attention.head_count", Value::U32(HEADS as u32)),
+        ("llama.attention.head_count_kv", Value::U32(KV_HEADS as u32)),
+        ("llama.rope.freq_base", Value::F32(10_000.0)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+        ("llama.vocab_size", Value::U32(vocab_size as u32)),
         ("tokenizer.ggml.bos_token_id", Value::U32(1)),
         ("tokenizer.ggml.eos_token_id", Value::U32(2)),
         ("tokenizer.chat_template", s(TEMPLATE)),
     ];
+    md.extend(tok_md);
     let mut names: Vec<&String> = weights.keys().collect();
     names.sort();
     let q: Vec<(String, QTensor)> = names
@@ -355,4 +368,74 @@ fn default_model_path_follows_the_environment() {
     let err = loader::resolve_model_path(None).expect_err("no default model there");
     assert!(err.to_string().contains("scripts/fetch-model.sh"), "{err}");
     std::env::remove_var("CARTRIDGE_HOME");
+}
+
+#[test]
+fn sentencepiece_gguf_tokenizer_merges_by_score_with_byte_fallback() {
+    // A Llama-2 style vocabulary: <unk>, <s>, </s>, 256 byte tokens, then pieces whose scores
+    // (descending) give the merge order.
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut types = vec![2, 3, 3];
+    for b in 0..256 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+    }
+    let pieces = [
+        "\u{2581}",
+        "h",
+        "e",
+        "l",
+        "o",
+        "w",
+        "r",
+        "d",
+        "he",
+        "ll",
+        "llo",
+        "hello",
+        "\u{2581}hello",
+        "\u{2581}w",
+        "or",
+        "\u{2581}wor",
+        "ld",
+        "\u{2581}world",
+    ];
+    for p in pieces {
+        tokens.push(p.to_string());
+        types.push(1);
+    }
+    let scores: Vec<Value> = (0..tokens.len()).map(|i| Value::F32(-(i as f32))).collect();
+    let s = |x: &str| Value::String(x.to_string());
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("sp.gguf");
+    let tok_md = vec![
+        ("tokenizer.ggml.model", s("llama")),
+        (
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.iter().map(|t| s(t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
+        ),
+        ("tokenizer.ggml.scores", Value::Array(scores)),
+    ];
+    write_gguf_md(&path, &hf_weights(tokens.len()), tokens.len(), tok_md);
+    let g = GgufFile::open(&path).unwrap();
+    let tok = Tokenizer::from_gguf(&g).expect("SentencePiece tokenizer builds");
+    let id = |t: &str| tok.token_to_id(t).unwrap();
+    let ids = tok.encode("hello world!\n", false).unwrap();
+    assert_eq!(
+        ids,
+        vec![
+            id("\u{2581}hello"),
+            id("\u{2581}world"),
+            id("<0x21>"),
+            id("<0x0A>")
+        ]
+    );
+    assert_eq!(tok.decode(&ids, false).unwrap(), "hello world!\n");
+    // Control tokens are never split.
+    let ids = tok.encode("<s>hello", false).unwrap();
+    assert_eq!(ids, vec![1, id("\u{2581}hello")]);
 }
