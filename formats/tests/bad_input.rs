@@ -313,34 +313,50 @@ fn flipped_bit_anywhere_in_payload_is_caught_by_verify() {
             let mut b = bytes.clone();
             b[pos] ^= 1 << (pos % 8);
             // Opening is cheap and does not read the payload; verify must catch the flip.
-            if let Ok(view) = cart::parse(&b) {
-                let e = view.verify().expect_err("verify missed a flipped bit");
-                assert!(
-                    matches!(e, CartError::PayloadChecksum { .. }),
-                    "flip at {pos}: {e}"
-                );
-            }
+            let view = cart::parse(&b).expect("open reads no payload byte");
+            let e = view.verify().expect_err("verify missed a flipped bit");
+            let ok = match compression {
+                Compression::Zstd => matches!(e, CartError::PayloadChecksum { .. }),
+                Compression::None => matches!(
+                    e,
+                    CartError::TensorChecksum { .. } | CartError::TensorPaddingNotZero { .. }
+                ),
+            };
+            assert!(ok, "{compression:?} flip at {pos}: {e}");
         }
     }
 }
 
 #[test]
 fn tensor_checksum_names_the_tensor() {
-    // A flip whose payload checksum was recomputed (a tool rewrote the file) is still caught per tensor.
     let bytes = kv_bytes(Compression::None);
     let (_, payload_offset) = sections(&bytes);
-    let mut payload = bytes[payload_offset..].to_vec();
-    payload[64 * 3 + 4] ^= 0x80; // inside values.0 (tensors are 160 bytes, padded to 192)
-    let sum = xxhash_rust::xxh3::xxh3_64(&payload);
-    let header: serde_json::Value = serde_json::from_slice(&bytes[32..sections(&bytes).0]).unwrap();
-    let mut header = header;
-    header["payload"]["checksum"] = json!(format!("xxh3:{sum:016x}"));
-    let b = with_raw_header(&serde_json::to_vec(&header).unwrap(), &payload);
+    let mut b = bytes.clone();
+    b[payload_offset + 64 * 3 + 4] ^= 0x80; // inside values.0 (tensors are 160 bytes, padded to 192)
     let e = cart::parse(&b).unwrap().verify().unwrap_err();
     assert!(
-        matches!(e, CartError::TensorChecksum { ref tensor, .. } if tensor == "values.0"),
+        matches!(e, CartError::TensorChecksum { ref tensor, offset: 192, .. } if tensor == "values.0"),
         "{e}"
     );
+    let mut b = bytes.clone();
+    b[payload_offset + 170] = 1; // padding after keys.0
+    let e = cart::parse(&b).unwrap().verify().unwrap_err();
+    assert!(
+        matches!(e, CartError::TensorPaddingNotZero { ref tensor, offset: 170 } if tensor == "keys.0"),
+        "{e}"
+    );
+}
+
+#[test]
+fn payload_checksum_presence_follows_compression() {
+    let plain = kv_bytes(Compression::None);
+    let bad = with_header(&plain, |h| {
+        h["payload"]["checksum"] = json!("xxh3:0000000000000000")
+    });
+    assert!(matches!(err(&bad), CartError::HeaderJson(_)));
+    let z = kv_bytes(Compression::Zstd);
+    let bad = with_header(&z, |h| h["payload"]["checksum"] = json!(null));
+    assert!(matches!(err(&bad), CartError::HeaderJson(_)));
 }
 
 #[test]

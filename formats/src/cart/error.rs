@@ -221,6 +221,14 @@ pub enum CartError {
         /// Computed.
         computed: u64,
     },
+    /// Padding after a tensor holds non-zero bytes (corruption outside every tensor checksum).
+    #[error("padding after tensor {tensor:?} at payload offset {offset} is not zero (payload corrupted)")]
+    TensorPaddingNotZero {
+        /// The tensor the padding follows.
+        tensor: String,
+        /// Payload offset of the first bad byte.
+        offset: u64,
+    },
     /// The zstd frame is not valid.
     #[error("compressed payload: {0}")]
     Decompress(String),

@@ -112,7 +112,10 @@ impl CartFile {
 
     /// Check every checksum: the stored payload, then each tensor. Errors name the file and tensor.
     pub fn verify(&self) -> Result<()> {
-        let check = || parse::verify_payload(&self.header, self.stored(), self.raw_payload());
+        let check = || {
+            parse::verify_stored(&self.header, self.stored())?;
+            parse::verify_raw(&self.header, self.raw_payload())
+        };
         check().map_err(|e| CartError::InFile {
             path: self.path.clone(),
             source: Box::new(e),

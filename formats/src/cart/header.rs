@@ -295,8 +295,9 @@ pub struct PayloadInfo {
     pub stored_len: u64,
     /// Storage codec.
     pub compression: Compression,
-    /// `xxh3:<16 hex>` of the stored bytes.
-    pub checksum: String,
+    /// `xxh3:<16 hex>` of the stored bytes when compressed; `None` when uncompressed (the tensor
+    /// checksums and the zero padding rule already cover every raw byte).
+    pub checksum: Option<String>,
 }
 
 /// The header as it sits on disk (SPEC.md §2): field order here is the byte order written.
@@ -414,7 +415,22 @@ impl Header {
             ));
         }
         self.check_limits()?;
-        parse_checksum("payload", &self.payload.checksum)?;
+        match (self.payload.compression, &self.payload.checksum) {
+            (Compression::None, None) => {}
+            (Compression::Zstd, Some(sum)) => {
+                parse_checksum("payload", sum)?;
+            }
+            (Compression::None, Some(_)) => {
+                return Err(CartError::HeaderJson(
+                    "payload.checksum must be null for an uncompressed payload".into(),
+                ))
+            }
+            (Compression::Zstd, None) => {
+                return Err(CartError::HeaderJson(
+                    "payload.checksum is required for a compressed payload".into(),
+                ))
+            }
+        }
         if self.payload.compression == Compression::None
             && self.payload.stored_len != self.payload.raw_len
         {

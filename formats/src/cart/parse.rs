@@ -144,14 +144,10 @@ impl<'a> CartView<'a> {
         self.header.payload.compression == Compression::Zstd
     }
 
-    /// Check the stored payload's checksum (cheap way to catch a flipped bit, before decompressing).
+    /// Check the stored payload's checksum: for a compressed file this catches a flipped bit
+    /// without decompressing; an uncompressed file has no such checksum (its tensors do).
     pub fn verify_stored(&self) -> Result<()> {
-        let stored = parse_checksum("payload", &self.header.payload.checksum)?;
-        let computed = xxh3_64(self.stored);
-        if stored != computed {
-            return Err(CartError::PayloadChecksum { stored, computed });
-        }
-        Ok(())
+        verify_stored(&self.header, self.stored)
     }
 
     /// Decompress a zstd payload into a 64-byte-aligned buffer of exactly `raw_len` bytes.
@@ -170,44 +166,78 @@ impl<'a> CartView<'a> {
         Ok(out)
     }
 
-    /// Verify everything: the stored checksum, then (decompressing if needed) every tensor checksum.
+    /// Verify everything: for a compressed file the stored checksum, then (decompressed) every
+    /// tensor; for an uncompressed one every tensor and the zero padding between them.
     pub fn verify(&self) -> Result<()> {
         match self.header.payload.compression {
-            Compression::None => verify_payload(&self.header, self.stored, self.stored),
+            Compression::None => verify_raw(&self.header, self.stored),
             Compression::Zstd => {
                 self.verify_stored()?;
-                verify_tensors(&self.header, self.decompress()?.as_slice())
+                verify_raw(&self.header, self.decompress()?.as_slice())
             }
         }
     }
 }
 
-/// Check the stored-payload checksum and every tensor checksum over `raw`. Large payloads hash the
-/// two on two threads: verify is memory-bound, and a second core nearly doubles it.
-pub fn verify_payload(header: &Header, stored: &[u8], raw: &[u8]) -> Result<()> {
-    let check_stored = || -> Result<()> {
-        let want = parse_checksum("payload", &header.payload.checksum)?;
-        let computed = xxh3_64(stored);
-        if want != computed {
-            return Err(CartError::PayloadChecksum {
-                stored: want,
-                computed,
-            });
-        }
-        Ok(())
+/// Check a compressed payload's stored checksum (a no-op for an uncompressed payload).
+pub fn verify_stored(header: &Header, stored: &[u8]) -> Result<()> {
+    let Some(sum) = &header.payload.checksum else {
+        return Ok(());
     };
-    if stored.len() < (4 << 20) {
-        check_stored()?;
-        return verify_tensors(header, raw);
+    let want = parse_checksum("payload", sum)?;
+    let computed = xxh3_64(stored);
+    if want != computed {
+        return Err(CartError::PayloadChecksum {
+            stored: want,
+            computed,
+        });
     }
-    let (a, b) = std::thread::scope(|s| {
-        let tensors = s.spawn(|| verify_tensors(header, raw));
-        let a = check_stored();
-        // A panic in the hashing thread is impossible short of a bug; report it as corruption-free.
-        let b = tensors.join().unwrap_or(Ok(()));
-        (a, b)
-    });
-    a.and(b)
+    Ok(())
+}
+
+/// Check every tensor checksum and the zero padding of a raw payload, so every byte is covered.
+/// Large payloads are split in two halves hashed on two threads: verify is memory-bound and a
+/// second core nearly doubles it.
+pub fn verify_raw(header: &Header, raw: &[u8]) -> Result<()> {
+    verify_padding(header, raw)?;
+    let tensors = &header.tensors;
+    if raw.len() < (4 << 20) || tensors.len() < 2 {
+        return verify_tensors(tensors, raw);
+    }
+    // Split where half the bytes are behind us.
+    let half = raw.len() as u64 / 2;
+    let split = tensors
+        .iter()
+        .position(|t| t.offset >= half)
+        .unwrap_or(tensors.len() - 1)
+        .max(1);
+    let (first, second) = tensors.split_at(split);
+    std::thread::scope(|s| {
+        let other = s.spawn(|| verify_tensors(second, raw));
+        let a = verify_tensors(first, raw);
+        // The hashing thread cannot panic short of a bug; a panic there is re-raised here.
+        let b = other
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        a.and(b)
+    })
+}
+
+/// The padding after each tensor (up to the next multiple of 64) must be zero bytes.
+fn verify_padding(header: &Header, raw: &[u8]) -> Result<()> {
+    for t in &header.tensors {
+        let end = t.offset.saturating_add(t.len);
+        let padded = align_up(end).unwrap_or(end).min(raw.len() as u64);
+        if let Some(pad) = raw.get(end as usize..padded as usize) {
+            if let Some(i) = pad.iter().position(|&b| b != 0) {
+                return Err(CartError::TensorPaddingNotZero {
+                    tensor: t.name.clone(),
+                    offset: end + i as u64,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn decompress_exact(frame: &[u8], out: &mut [u8], expected: u64) -> Result<()> {
@@ -240,8 +270,8 @@ fn decompress_exact(frame: &[u8], out: &mut [u8], expected: u64) -> Result<()> {
 }
 
 /// Check every tensor's checksum against the raw payload bytes.
-pub fn verify_tensors(header: &Header, raw: &[u8]) -> Result<()> {
-    for t in &header.tensors {
+pub fn verify_tensors(tensors: &[TensorEntry], raw: &[u8]) -> Result<()> {
+    for t in tensors {
         let bytes = tensor_bytes(t, raw)?;
         let stored = parse_checksum(&t.name, &t.checksum)?;
         let computed = xxh3_64(bytes);

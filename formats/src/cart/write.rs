@@ -95,7 +95,10 @@ pub fn encode(contents: &CartContents<'_>, compression: Compression) -> Result<V
             raw_len,
             stored_len: stored.len() as u64,
             compression,
-            checksum: format_checksum(xxh3_64(&stored)),
+            checksum: match compression {
+                Compression::None => None,
+                Compression::Zstd => Some(format_checksum(xxh3_64(&stored))),
+            },
         },
     };
     header.validate()?;
