@@ -54,12 +54,17 @@ impl std::fmt::Debug for LoadedModel {
 impl LoadedModel {
     /// A `VarBuilder` over the weights, for `Transformer::load(vb, &config)`.
     pub fn var_builder(&self) -> candle_nn::VarBuilder<'static> {
+        self.var_builder_dtype(DType::F32)
+    }
+
+    /// A `VarBuilder` that hands out the weights converted to `dtype` (e.g. bf16 on CUDA).
+    pub fn var_builder_dtype(&self, dtype: DType) -> candle_nn::VarBuilder<'static> {
         let map: HashMap<String, Tensor> = self
             .weights
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        candle_nn::VarBuilder::from_tensors(map, DType::F32, &self.device)
+        candle_nn::VarBuilder::from_tensors(map, dtype, &self.device)
     }
 
     /// The forward pass over these weights (f32). The tensors are shared, not copied.

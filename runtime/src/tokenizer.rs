@@ -172,6 +172,18 @@ pub fn gguf_tokenizer_json(gguf: &GgufFile) -> Result<Json> {
             })
             .collect::<Result<_>>()?,
     };
+    let token_texts: Vec<String> = tokens
+        .iter()
+        .map(|t| t.to_string().cloned().unwrap_or_default())
+        .collect();
+    // Byte-level post-processing only fixes offsets; byte-level models rarely add BOS.
+    let post_processor = bos_post_processor(
+        gguf,
+        &token_texts,
+        false,
+        json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false,
+               "use_regex": true}),
+    )?;
     Ok(json!({
         "version": "1.0",
         "truncation": null,
@@ -179,10 +191,7 @@ pub fn gguf_tokenizer_json(gguf: &GgufFile) -> Result<Json> {
         "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": pre_tokenizer,
-        // Byte-level post-processing only fixes offsets; no BOS is added (`add_bos_token` is
-        // honoured by callers through `bos_token_id`).
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false,
-                           "use_regex": true},
+        "post_processor": post_processor,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
                     "use_regex": true},
         "model": {
@@ -191,6 +200,37 @@ pub fn gguf_tokenizer_json(gguf: &GgufFile) -> Result<Json> {
             "ignore_merges": false, "vocab": vocab, "merges": merges,
         },
     }))
+}
+
+/// The post-processor for `encode(text, add_special_tokens = true)`: BOS in front when the GGUF says
+/// `tokenizer.ggml.add_bos_token` (default `default_add_bos`), as Hugging Face's `tokenizer.json`
+/// for the same model does; otherwise `fallback`.
+fn bos_post_processor(
+    gguf: &GgufFile,
+    tokens: &[String],
+    default_add_bos: bool,
+    fallback: Json,
+) -> Result<Json> {
+    let add_bos = match gguf.metadata().get("tokenizer.ggml.add_bos_token") {
+        Some(candle_core::quantized::gguf_file::Value::Bool(b)) => *b,
+        _ => default_add_bos,
+    };
+    let bos = gguf
+        .get_u64_opt("tokenizer.ggml.bos_token_id")?
+        .and_then(|id| Some((id, tokens.get(usize::try_from(id).ok()?)?)));
+    Ok(match bos {
+        Some((id, text)) if add_bos => json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": text, "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": text, "type_id": 0}},
+                     {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": text, "type_id": 1}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {text.as_str(): {"id": text, "ids": [id], "tokens": [text]}},
+        }),
+        _ => fallback,
+    })
 }
 
 /// Token texts and llama.cpp token types of a GGUF (type 1, normal, when the file has none).
@@ -314,8 +354,8 @@ pub fn sentencepiece_tokenizer_json(gguf: &GgufFile) -> Result<Json> {
         "added_tokens": added,
         "normalizer": {"type": "Sequence", "normalizers": normalizers},
         "pre_tokenizer": null,
-        // BOS is the caller's business (`bos_token_id`), as for the byte-level models.
-        "post_processor": null,
+        // SentencePiece Llama tokenizers add BOS unless the file says otherwise.
+        "post_processor": bos_post_processor(gguf, &tokens, true, Json::Null)?,
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {
             "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
@@ -396,7 +436,9 @@ impl Tokenizer {
     }
 
     /// Token ids of `text`. Special tokens written in the text (e.g. `<|im_start|>`) become their
-    /// ids; `add_special_tokens` lets the post-processor add BOS/EOS where the tokenizer says so.
+    /// ids; `add_special_tokens` lets the post-processor add BOS/EOS where the tokenizer says so
+    /// (Hugging Face convention: `true` for raw text, `false` for a rendered chat template, which
+    /// writes its own BOS).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let enc = self
             .inner

@@ -254,6 +254,11 @@ fn tiny_gguf_and_hf_folder_load_identically() {
     );
     assert_eq!(tok.decode(&ids, false).unwrap(), text);
     assert_eq!(tok.decode(&ids, true).unwrap(), "the the 12");
+    // Byte-level models add nothing unless the file sets add_bos_token.
+    assert_eq!(
+        tok.encode("the", true).unwrap(),
+        tok.encode("the", false).unwrap()
+    );
 
     let template = g.chat_template.as_ref().expect("template from metadata");
     assert_eq!(
@@ -435,6 +440,11 @@ fn sentencepiece_gguf_tokenizer_merges_by_score_with_byte_fallback() {
         ]
     );
     assert_eq!(tok.decode(&ids, false).unwrap(), "hello world!\n");
+    // SentencePiece Llama models add BOS on request (add_bos_token defaults to true).
+    assert_eq!(
+        tok.encode("hello", true).unwrap(),
+        vec![1, id("\u{2581}hello")]
+    );
     // Control tokens are never split.
     let ids = tok.encode("<s>hello", false).unwrap();
     assert_eq!(ids, vec![1, id("\u{2581}hello")]);

@@ -205,6 +205,12 @@ fn tokenizer_and_chat_template_match_reference() {
             assert_eq!(rendered, text, "{name}: chat template render differs");
         }
         let ids = tok.encode(text, false).expect("encodes");
+        // SmolLM2 adds no special tokens on encode (`meta.tokenizer.adds_special_tokens`).
+        assert_eq!(
+            tok.encode(text, true).expect("encodes"),
+            ids,
+            "{name}: adds tokens"
+        );
         assert_eq!(ids, ids_of(&p["ids"]), "{name}: token ids differ");
         let tokens: Vec<String> = ids
             .iter()
