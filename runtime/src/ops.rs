@@ -103,6 +103,123 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(shifted.broadcast_sub(&lse)?)
 }
 
+/// `x W^T` for a frozen weight `w: [out, in]` and `x: [rows, in]`.
+///
+/// On the training path, candle's matmul backward computes the weight's gradient too, even for a
+/// constant weight (candle-core `backprop.rs`, `Op::Matmul`): a third of the linear layers'
+/// backward FLOPs wasted, and for the LM head a `[vocab, hidden]` product per step (DESIGN.md §3).
+/// [`FrozenLinear`] is a custom op whose backward returns only the input's gradient. It runs on
+/// the CPU in f32/f64; elsewhere (CUDA, half types) the plain matmul is used.
+pub fn frozen_linear(x: &Tensor, w: &Tensor, path: Path) -> Result<Tensor> {
+    let custom = path == Path::Train
+        && x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.dtype() == w.dtype();
+    if custom {
+        Ok(x.apply_op2(w, FrozenLinear)?)
+    } else {
+        Ok(x.matmul(&w.t()?)?)
+    }
+}
+
+/// The custom op behind [`frozen_linear`].
+#[derive(Debug, Clone, Copy)]
+pub struct FrozenLinear;
+
+impl candle_core::CustomOp2 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let (rows, inp) = l1.shape().dims2()?;
+        let (out, inp2) = l2.shape().dims2()?;
+        if inp != inp2 {
+            candle_core::bail!("frozen-linear: x is [{rows}, {inp}], w is [{out}, {inp2}]");
+        }
+        match (s1, s2) {
+            (S::F32(x), S::F32(w)) => Ok((
+                S::F32(gemm_xwt(x, l1, w, l2, rows, inp, out)),
+                (rows, out).into(),
+            )),
+            (S::F64(x), S::F64(w)) => Ok((
+                S::F64(gemm_xwt(x, l1, w, l2, rows, inp, out)),
+                (rows, out).into(),
+            )),
+            _ => candle_core::bail!("frozen-linear: f32 or f64 only"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // d(x W^T)/dx = grad W; no gradient for the frozen weight.
+        Ok((Some(grad.matmul(w)?), None))
+    }
+}
+
+/// `x W^T` with the `gemm` crate, honouring arbitrary 2-D strides of both operands.
+fn gemm_xwt<T: candle_core::WithDType>(
+    x: &[T],
+    lx: &candle_core::Layout,
+    w: &[T],
+    lw: &candle_core::Layout,
+    rows: usize,
+    inp: usize,
+    out: usize,
+) -> Vec<T> {
+    let (zero, one) = (T::from_f64(0.0), T::from_f64(1.0));
+    let mut dst = vec![zero; rows * out];
+    let (xs, ws) = (lx.stride(), lw.stride());
+    let x = &x[lx.start_offset()..];
+    let w = &w[lw.start_offset()..];
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the layouts come from candle and describe `rows x inp` and `out x inp` views that
+    // lie inside `x` and `w` (offsets already applied); `dst` is a fresh `rows x out` row-major
+    // buffer. W^T's element (i, j) is w[j * ws[0] + i * ws[1]], hence rhs strides (ws[0], ws[1])
+    // as (column, row) strides.
+    unsafe {
+        gemm::gemm(
+            rows,
+            out,
+            inp,
+            dst.as_mut_ptr(),
+            1,
+            out as isize,
+            false,
+            x.as_ptr(),
+            xs[1] as isize,
+            xs[0] as isize,
+            w.as_ptr(),
+            ws[0] as isize,
+            ws[1] as isize,
+            zero,
+            one,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    dst
+}
+
 /// RoPE frequency scaling we implement.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -286,6 +403,27 @@ mod tests {
         let a = softmax_last_dim(&x, Path::Train)?;
         let b = softmax_last_dim(&x, Path::Infer)?;
         assert!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn frozen_linear_matches_matmul_and_only_the_input_gets_a_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        // A transposed (strided) input and weight exercise the stride handling.
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (7, 5), &dev)?)?;
+        let wt = Tensor::randn(0f64, 1.0, (5, 3), &dev)?;
+        let w = wt.t()?;
+        let xs = x.as_tensor().t()?.contiguous()?.t()?;
+        let a = frozen_linear(&xs, &w, Path::Train)?;
+        let b = xs.matmul(&w.t()?)?;
+        assert!((&a - &b)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
+        let ga = a.sum_all()?.backward()?;
+        let gb = b.sum_all()?.backward()?;
+        let (ga, gb) = (ga.get(x.as_tensor()), gb.get(x.as_tensor()));
+        let (Some(ga), Some(gb)) = (ga, gb) else {
+            panic!("no input gradient");
+        };
+        assert!((ga - gb)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
         Ok(())
     }
 

@@ -122,7 +122,19 @@ impl PrefixKv {
     }
 
     /// Check this prefix fits a model with these shapes.
-    pub(crate) fn check(&self, num_layers: usize, kv_heads: usize, head_dim: usize) -> Result<()> {
+    pub(crate) fn check(
+        &self,
+        num_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: candle_core::DType,
+    ) -> Result<()> {
+        if self.layers[0].0.dtype() != dtype {
+            return Err(Error::Msg(format!(
+                "prefix K/V are {:?}, the model runs in {dtype:?}: convert the cartridge first",
+                self.layers[0].0.dtype()
+            )));
+        }
         if self.layers.len() != num_layers {
             return Err(Error::Msg(format!(
                 "prefix has {} layers, the model {num_layers}",

@@ -309,3 +309,31 @@ fn stopping_and_seeded_sampling() {
     let g = generate(&model, None, &request(prompt, 8, k1), |_| Control::Continue).expect("k1");
     assert_eq!(g.tokens, greedy.tokens);
 }
+
+/// A long inference prefill into a cache is chunked internally; the result is unchanged.
+#[test]
+fn chunked_prefill_equals_one_pass() {
+    for arch in ALL {
+        let model = tiny_model(arch, DType::F32);
+        let vocab = model.config().vocab_size;
+        let cart = model.prefix_kv(None, &tokens(80, 3, vocab)).expect("cart");
+        let seq = tokens(81, 600, vocab);
+        let want = full_logits(&model, Some(&cart), &seq);
+        let mut cache = model.new_cache(1);
+        let got = model
+            .forward(
+                Some(&cart),
+                Some(&mut cache),
+                &ids(&seq),
+                Logits::Last,
+                Path::Infer,
+            )
+            .expect("chunked");
+        assert_eq!(cache.len(), 600);
+        let d = max_abs_diff(
+            &got,
+            &want.narrow(1, 599, 1).expect("n").squeeze(1).expect("s"),
+        );
+        assert!(d < TOL, "{arch:?}: chunked prefill differs by {d}");
+    }
+}

@@ -39,6 +39,9 @@ fn quirks(arch: Architecture) -> Quirks {
     }
 }
 
+/// Tokens (summed over the batch) per forward when an inference prefill is chunked.
+const PREFILL_CHUNK_TOKENS: usize = 512;
+
 /// Which logits a forward returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -86,13 +89,13 @@ impl Linear {
         Ok(Self { w, b })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, path: Path) -> Result<Tensor> {
         // Fold batch and time into the rows of one 2-D matmul: a single large gemm instead of a
         // batch of small ones, and no broadcast copy of the weight.
         let dims = x.dims().to_vec();
         let inp = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, inp))?.matmul(&self.w.t()?)?;
+        let y = ops::frozen_linear(&x.reshape((rows, inp))?, &self.w, path)?;
         let y = match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -246,7 +249,37 @@ impl Transformer {
         path: Path,
     ) -> Result<Tensor> {
         let x = self.embed(tokens)?;
-        let (out, _) = self.run(prefix, cache, x, logits, path, false)?;
+        self.forward_chunked(prefix, cache, x, logits, path)
+    }
+
+    /// Inference prefill of many tokens into a cache runs in column chunks: attention then skips
+    /// the fully masked upper blocks and the score buffers stay small. Results are identical.
+    fn forward_chunked(
+        &self,
+        prefix: Option<&PrefixKv>,
+        cache: Option<&mut KvCache>,
+        x: Tensor,
+        logits: Logits,
+        path: Path,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let chunk = (PREFILL_CHUNK_TOKENS / b.max(1)).max(16);
+        let out = match cache {
+            Some(cache) if path == Path::Infer && logits == Logits::Last && t > chunk => {
+                let mut last = None;
+                let mut start = 0;
+                while start < t {
+                    let len = chunk.min(t - start);
+                    let part = x.narrow(1, start, len)?;
+                    last = self
+                        .run(prefix, Some(&mut *cache), part, logits, path, false)?
+                        .0;
+                    start += len;
+                }
+                last
+            }
+            cache => self.run(prefix, cache, x, logits, path, false)?.0,
+        };
         out.ok_or_else(|| Error::Msg("forward asked for no logits".into()))
     }
 
@@ -260,8 +293,7 @@ impl Transformer {
         logits: Logits,
         path: Path,
     ) -> Result<Tensor> {
-        let (out, _) = self.run(prefix, cache, embeds.clone(), logits, path, false)?;
-        out.ok_or_else(|| Error::Msg("forward asked for no logits".into()))
+        self.forward_chunked(prefix, cache, embeds.clone(), logits, path)
     }
 
     /// Per-layer post-RoPE K/V of `tokens` placed after `prefix` (positions `prefix.len()..`),
@@ -319,7 +351,7 @@ impl Transformer {
         }
         let prefix = prefix.filter(|p| !p.is_empty());
         if let Some(p) = prefix {
-            p.check(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)?;
+            p.check(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)?;
         }
         let p_len = prefix.map_or(0, PrefixKv::len);
         let (past, pads) = match cache.as_deref() {
@@ -376,12 +408,12 @@ impl Transformer {
                 break;
             }
             let h = ops::rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps, path)?;
-            let gate = layer.gate.forward(&h)?;
-            let up = layer.up.forward(&h)?;
+            let gate = layer.gate.forward(&h, path)?;
+            let up = layer.up.forward(&h, path)?;
             // SiLU as x * sigmoid(x): candle's `silu` has a backward, but spelling it out keeps
             // the training path independent of which unary ops are fused.
             let act = (gate.clone() * candle_nn::ops::sigmoid(&gate)?)?;
-            x = (x + layer.down.forward(&(act * up)?)?)?;
+            x = (x + layer.down.forward(&(act * up)?, path)?)?;
         }
         if let Some(c) = cache {
             c.advance(t);
@@ -395,7 +427,7 @@ impl Transformer {
                         w: self.lm_head.clone(),
                         b: None,
                     }
-                    .forward(&h)?,
+                    .forward(&h, path)?,
                 )
             }
             Logits::Last => {
@@ -405,7 +437,7 @@ impl Transformer {
                     w: self.lm_head.clone(),
                     b: None,
                 }
-                .forward(&h)?;
+                .forward(&h, path)?;
                 Some(l.squeeze(1)?)
             }
         };
@@ -454,15 +486,19 @@ impl Transformer {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim);
         let g = h / kvh;
-        let q = layer.q.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?;
+        let q = layer
+            .q
+            .forward(x, path)?
+            .reshape((b, t, h, d))?
+            .transpose(1, 2)?;
         let k = layer
             .k
-            .forward(x)?
+            .forward(x, path)?
             .reshape((b, t, kvh, d))?
             .transpose(1, 2)?;
         let v = layer
             .v
-            .forward(x)?
+            .forward(x, path)?
             .reshape((b, t, kvh, d))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -534,6 +570,6 @@ impl Transformer {
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, h * d))?;
-        Ok((layer.o.forward(&out)?, k, v))
+        Ok((layer.o.forward(&out, path)?, k, v))
     }
 }

@@ -71,7 +71,7 @@ pub fn write_tiny(arch: Architecture, seed: u64) -> tempfile::TempDir {
         "head_dim": t.head_dim,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
-        "max_position_embeddings": 256,
+        "max_position_embeddings": 1024,
         "tie_word_embeddings": tied,
         "bos_token_id": 1,
         "eos_token_id": 2,
