@@ -56,8 +56,22 @@ pub fn fingerprint(
     weights: &BTreeMap<String, Tensor>,
     tokenizer: &Tokenizer,
 ) -> Result<ModelFingerprint> {
+    Ok(from_hashes(
+        cfg,
+        weights_hash(cfg, weights)?,
+        tokenizer.hash()?,
+    ))
+}
+
+/// The fingerprint from a config and hashes computed elsewhere ([`weights_hash`],
+/// [`Tokenizer::hash`]), e.g. on separate threads while loading.
+pub fn from_hashes(
+    cfg: &ModelConfig,
+    weights_hash: String,
+    tokenizer_hash: String,
+) -> ModelFingerprint {
     let u = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
-    Ok(ModelFingerprint {
+    ModelFingerprint {
         architecture: cfg.architecture.name().to_string(),
         num_layers: u(cfg.num_layers),
         hidden_size: u(cfg.hidden_size),
@@ -67,9 +81,9 @@ pub fn fingerprint(
         vocab_size: u(cfg.vocab_size),
         rope_theta: cfg.rope_theta,
         rope_scaling: cfg.rope_scaling.clone(),
-        tokenizer_hash: tokenizer.hash()?,
-        weights_hash: weights_hash(cfg, weights)?,
-    })
+        tokenizer_hash,
+        weights_hash,
+    }
 }
 
 #[cfg(test)]

@@ -121,16 +121,6 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
     row.iter().map(|&x| f64::from(x) - lse).collect()
 }
 
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 fn close(a: f64, b: f64, rel: f64) -> bool {
     (a - b).abs() <= rel * b.abs().max(1.0)
 }
