@@ -104,6 +104,10 @@ fn round_trip_over_several_shards() {
     assert_eq!(stats.seed_kinds["question"], 14);
     assert_eq!(stats.chunks, 10);
     assert_eq!(ds.manifest().teacher, teacher(b"tok"));
+    let head = ds.head(3).expect("head");
+    assert_eq!(head, (0..3).map(record).collect::<Vec<_>>());
+    assert!(ds.head(0).expect("head").is_empty());
+    assert_eq!(ds.head(100).expect("head").len(), 40);
 }
 
 #[test]

@@ -105,7 +105,23 @@ impl Dataset {
 
     /// Visit every record in order. Checks every frame, the teacher id of every shard, record
     /// layouts, ids against the teacher's vocabulary, and that no conversation id repeats.
-    pub fn for_each(&self, mut f: impl FnMut(Record) -> Result<()>) -> Result<Stats> {
+    pub fn for_each(&self, f: impl FnMut(Record) -> Result<()>) -> Result<Stats> {
+        self.walk(None, f)
+    }
+
+    /// The first `n` records (e.g. samples for `inspect --show N`); reads only as far as needed.
+    pub fn head(&self, n: usize) -> Result<Vec<Record>> {
+        let mut out = Vec::with_capacity(n.min(1024));
+        if n > 0 {
+            self.walk(Some(n), |r| {
+                out.push(r);
+                Ok(())
+            })?;
+        }
+        Ok(out)
+    }
+
+    fn walk(&self, limit: Option<usize>, mut f: impl FnMut(Record) -> Result<()>) -> Result<Stats> {
         let mut stats = Stats::default();
         let teacher_id = self.manifest.teacher_id();
         let vocab = Some(self.manifest.teacher.vocab_size);
@@ -149,6 +165,10 @@ impl Dataset {
                 *stats.seed_kinds.entry(rec.seed_kind.clone()).or_default() += 1;
                 chunks.insert(rec.location.chunk);
                 f(rec)?;
+                if limit.is_some_and(|l| stats.records as usize >= l) {
+                    stats.chunks = chunks.len() as u64;
+                    return Ok(stats);
+                }
             }
         }
         stats.chunks = chunks.len() as u64;
