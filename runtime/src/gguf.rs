@@ -166,6 +166,25 @@ impl GgufFile {
             .map_err(|e| self.err(format!("metadata {key:?}: {e}")))
     }
 
+    /// Tokens that end generation: `tokenizer.ggml.eos_token_id`, then the end-of-turn and
+    /// end-of-message tokens llama.cpp also stops on (`eot_token_id`, `eom_token_id`; e.g. Qwen's
+    /// `<|im_end|>` next to its EOS `<|endoftext|>`), without duplicates.
+    pub fn eos_token_ids(&self) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        for key in [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ] {
+            if let Some(id) = self.get_u64_opt(key)?.and_then(|v| u32::try_from(v).ok()) {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     /// The architecture family named by `general.architecture`.
     pub fn architecture(&self) -> Result<Architecture> {
         let arch = self.get_str("general.architecture")?;
@@ -205,11 +224,7 @@ impl GgufFile {
         let bos_token_id = self
             .get_u64_opt("tokenizer.ggml.bos_token_id")?
             .and_then(|v| u32::try_from(v).ok());
-        let eos_token_ids = self
-            .get_u64_opt("tokenizer.ggml.eos_token_id")?
-            .and_then(|v| u32::try_from(v).ok())
-            .into_iter()
-            .collect();
+        let eos_token_ids = self.eos_token_ids()?;
         let cfg = ModelConfig {
             architecture,
             vocab_size,

@@ -194,6 +194,22 @@ fn token_field(cfg: &serde_json::Value, key: &str) -> Option<String> {
     }
 }
 
+/// `eos_token_id` of `generation_config.json` (a number or a list), when the file exists.
+fn generation_eos_ids(dir: &Path) -> Result<Vec<u32>> {
+    let path = dir.join("generation_config.json");
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let v: serde_json::Value = serde_json::from_str(&read_to_string(&path)?)
+        .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+    let as_id = |x: &serde_json::Value| x.as_u64().and_then(|n| u32::try_from(n).ok());
+    Ok(match v.get("eos_token_id") {
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(as_id).collect(),
+        Some(x) => as_id(x).into_iter().collect(),
+        None => Vec::new(),
+    })
+}
+
 /// The chat template of a Hugging Face folder: `chat_template.jinja`, else `chat_template` in
 /// `tokenizer_config.json` (a string, or a list of named templates of which we take `default`).
 fn hf_chat_template_source(dir: &Path, tok_cfg: &serde_json::Value) -> Result<Option<String>> {
@@ -276,7 +292,7 @@ fn load_safetensors(dir: &Path, device: &Device) -> Result<BTreeMap<String, Tens
 
 /// Load a Hugging Face folder (config.json, *.safetensors, tokenizer.json, tokenizer_config.json).
 pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
-    let config = ModelConfig::from_hf_json(&read_to_string(&dir.join("config.json"))?)?;
+    let mut config = ModelConfig::from_hf_json(&read_to_string(&dir.join("config.json"))?)?;
     let tok_cfg_path = dir.join("tokenizer_config.json");
     let tok_cfg: serde_json::Value = if tok_cfg_path.is_file() {
         serde_json::from_str(&read_to_string(&tok_cfg_path)?)
@@ -297,11 +313,21 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
             .bos_token_id()
             .or_else(|| bos.as_deref().and_then(|t| tokenizer.token_to_id(t)));
         let mut eos_ids = tokenizer.eos_token_ids().to_vec();
-        if eos_ids.is_empty() {
-            eos_ids.extend(eos.as_deref().and_then(|t| tokenizer.token_to_id(t)));
+        // generation_config.json lists every token generation stops on (e.g. Qwen's
+        // `<|endoftext|>` and `<|im_end|>`), sometimes more than config.json does.
+        let extra = generation_eos_ids(dir)?
+            .into_iter()
+            .chain(eos.as_deref().and_then(|t| tokenizer.token_to_id(t)));
+        for id in extra {
+            if !eos_ids.contains(&id) {
+                eos_ids.push(id);
+            }
         }
         Tokenizer::new(tokenizer.inner().clone(), bos_id, eos_ids)
     };
+    // One source of truth for the special ids, whichever of the two a caller reads.
+    config.bos_token_id = tokenizer.bos_token_id();
+    config.eos_token_ids = tokenizer.eos_token_ids().to_vec();
     let chat_template = match hf_chat_template_source(dir, &tok_cfg)? {
         Some(src) => Some(ChatTemplate::new(src, bos, eos)?),
         None => None,

@@ -388,8 +388,7 @@ impl Tokenizer {
             Ok(gguf.get_u64_opt(k)?.and_then(|v| u32::try_from(v).ok()))
         };
         let bos = id("tokenizer.ggml.bos_token_id")?;
-        let eos = id("tokenizer.ggml.eos_token_id")?.into_iter().collect();
-        Ok(Self::new(inner, bos, eos))
+        Ok(Self::new(inner, bos, gguf.eos_token_ids()?))
     }
 
     /// Load a `tokenizer.json` file.

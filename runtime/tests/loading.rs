@@ -211,6 +211,8 @@ fn write_hf_dir(dir: &Path, weights: &HashMap<String, Tensor>, tokenizer: &Token
         "chat_template": TEMPLATE,
     });
     std::fs::write(dir.join("tokenizer_config.json"), tok_cfg.to_string()).unwrap();
+    let gen_cfg = serde_json::json!({"eos_token_id": [2, 0]});
+    std::fs::write(dir.join("generation_config.json"), gen_cfg.to_string()).unwrap();
 }
 
 #[test]
@@ -276,10 +278,13 @@ fn tiny_gguf_and_hf_folder_load_identically() {
     assert!((h.config.rms_norm_eps - g.config.rms_norm_eps).abs() < 1e-12);
     let mut hc = h.config.clone();
     hc.rms_norm_eps = g.config.rms_norm_eps;
+    // generation_config.json adds a stop token to config.json's EOS.
+    assert_eq!(hc.eos_token_ids, vec![2, 0]);
+    hc.eos_token_ids = g.config.eos_token_ids.clone();
     assert_eq!(hc, g.config);
     assert_eq!(h.tokenizer.encode(text, false).unwrap(), ids);
     assert_eq!(h.tokenizer.bos_token_id(), Some(1));
-    assert_eq!(h.tokenizer.eos_token_ids(), &[2]);
+    assert_eq!(h.tokenizer.eos_token_ids(), &[2, 0]);
     assert_eq!(
         h.chat_template
             .as_ref()
