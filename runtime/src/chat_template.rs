@@ -225,6 +225,10 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 }
 
 /// `tojson` as Hugging Face defines it: Python `json.dumps(x, ensure_ascii=False, indent=indent)`.
+///
+/// One difference remains: object keys come out sorted, where Python keeps insertion order,
+/// because the workspace builds serde_json without `preserve_order` (the formats crate relies on
+/// sorted maps for deterministic headers). Only templates that print tool schemas notice.
 fn tojson(
     value: minijinja::Value,
     kwargs: minijinja::value::Kwargs,
@@ -345,6 +349,60 @@ mod tests {
             None,
         )?;
         assert_eq!(t.render(&[ChatMessage::new("user", "a")], false)?, "a\n");
+        Ok(())
+    }
+
+    /// The shape of Qwen2.5's template: `{%-` whitespace control, attribute access on messages
+    /// that lack it (`message.tool_calls`), `tools` rendered with `tojson`.
+    const QWEN_LIKE: &str = r#"{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen.' }}
+    {%- endif %}
+    {{- "\n\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"#;
+
+    #[test]
+    fn renders_a_qwen_style_template_with_and_without_tools() -> Result<()> {
+        let t = ChatTemplate::new(QWEN_LIKE, None, Some("<|im_end|>".into()))?;
+        let msgs = [
+            ChatMessage::new("user", "Hi"),
+            ChatMessage::new("assistant", "Yo"),
+        ];
+        assert_eq!(
+            t.render(&msgs, true)?,
+            "<|im_start|>system\nYou are Qwen.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
+             <|im_start|>assistant\nYo<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let tools = serde_json::json!({"tools": [{"name": "f", "parameters": {"x": 1}}]});
+        let s = t.render_with(&msgs[..1], false, tools)?;
+        assert_eq!(
+            s,
+            "<|im_start|>system\nYou are Qwen.\n\n<tools>\n{\"name\": \"f\", \"parameters\": \
+             {\"x\": 1}}\n</tools><|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        );
         Ok(())
     }
 
