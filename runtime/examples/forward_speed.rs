@@ -12,6 +12,8 @@ use cartridge_runtime::generate::{
 use cartridge_runtime::{loader, Logits, Path, PrefixKv, Transformer};
 
 fn main() -> anyhow::Result<()> {
+    // `FORWARD_SPEED=decode` runs only the batch-1 decode (for profiling).
+    let only_decode = std::env::var("FORWARD_SPEED").is_ok_and(|v| v == "decode");
     let arg = std::env::args().nth(1).map(std::path::PathBuf::from);
     let path = loader::resolve_model_path(arg.as_deref())?;
     let dev = Device::Cpu;
@@ -24,6 +26,24 @@ fn main() -> anyhow::Result<()> {
             .collect()
     };
 
+    if only_decode {
+        let req = GenerateRequest {
+            prompt: toks(8, 1),
+            sampling: SamplingParams::greedy(),
+            max_tokens: 200,
+            stop_tokens: vec![],
+            top_logprobs: 0,
+        };
+        let t = Instant::now();
+        generate_batch(&net, None, &[req], &BatchOptions::default(), |_, _| {
+            Control::Continue
+        })?;
+        println!(
+            "decode 200 tokens: {:.1} tok/s",
+            200.0 / t.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     for n in [512usize, 2048] {
         let ids = Tensor::from_vec(toks(n, 1), (1, n), &dev)?;
         let mut cache = net.new_cache(1);

@@ -111,6 +111,16 @@ impl PrefixKv {
         PrefixKv::new(layers)
     }
 
+    /// The same prefix in another dtype (e.g. an f32 cartridge for a bf16 model).
+    pub fn to_dtype(&self, dtype: candle_core::DType) -> Result<PrefixKv> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((k.to_dtype(dtype)?, v.to_dtype(dtype)?)))
+            .collect::<Result<Vec<_>>>()?;
+        PrefixKv::new(layers)
+    }
+
     /// Slots `start..start + len` of every layer.
     pub fn narrow(&self, start: usize, len: usize) -> Result<PrefixKv> {
         let layers = self

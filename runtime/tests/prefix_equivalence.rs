@@ -199,3 +199,27 @@ fn batch_shares_one_prefix() {
         }
     }
 }
+
+/// `Logits::Hidden` times the LM head gives the logits (the hook for a fused LM-head loss).
+#[test]
+fn hidden_states_times_lm_head_are_the_logits() {
+    for arch in ALL {
+        let model = tiny_model(arch, DType::F32);
+        let vocab = model.config().vocab_size;
+        let cart = model.prefix_kv(None, &tokens(90, 3, vocab)).expect("cart");
+        let seq = ids(&tokens(91, 5, vocab));
+        let want = model
+            .forward(Some(&cart), None, &seq, Logits::All, Path::Train)
+            .expect("logits");
+        let h = model
+            .forward(Some(&cart), None, &seq, Logits::Hidden, Path::Train)
+            .expect("hidden");
+        assert_eq!(h.dims(), &[1, 5, model.config().hidden_size]);
+        let got = h
+            .squeeze(0)
+            .expect("s")
+            .matmul(&model.lm_head_weight().t().expect("t"))
+            .expect("mm");
+        assert!(max_abs_diff(&got.unsqueeze(0).expect("u"), &want) < 1e-5);
+    }
+}

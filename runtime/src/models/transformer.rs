@@ -50,6 +50,10 @@ pub enum Logits {
     /// `[b, vocab]`: the last position only (decoding; with left padding it is every sequence's
     /// newest token).
     Last,
+    /// `[b, t, hidden]`: the final-normed hidden states of every position, without the LM head
+    /// (for a fused LM-head + loss that never materialises `[tokens, vocab]`; multiply by
+    /// [`Transformer::lm_head_weight`]`^T` to get logits).
+    Hidden,
     /// No LM head at all (computing K/V only).
     None,
 }
@@ -229,6 +233,11 @@ impl Transformer {
             .embed
             .index_select(&flat, 0)?
             .reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// The LM head `[vocab, hidden]` (the embedding matrix when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head
     }
 
     /// The token embedding matrix `[vocab, hidden]` (e.g. to initialise a soft prompt).
@@ -430,6 +439,7 @@ impl Transformer {
                     .forward(&h, path)?,
                 )
             }
+            Logits::Hidden => Some(ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps, path)?),
             Logits::Last => {
                 let last = x.narrow(1, t - 1, 1)?;
                 let h = ops::rms_norm(&last, &self.norm, cfg.rms_norm_eps, path)?;
