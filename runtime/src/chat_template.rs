@@ -227,8 +227,9 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 /// `tojson` as Hugging Face defines it: Python `json.dumps(x, ensure_ascii=False, indent=indent)`.
 ///
 /// One difference remains: object keys come out sorted, where Python keeps insertion order,
-/// because the workspace builds serde_json without `preserve_order` (the formats crate relies on
-/// sorted maps for deterministic headers). Only templates that print tool schemas notice.
+/// because the workspace builds serde_json without `preserve_order` (turning it on would change how
+/// every crate's JSON maps serialise, `.cart` headers included). Only templates that print tool
+/// schemas notice.
 fn tojson(
     value: minijinja::Value,
     kwargs: minijinja::value::Kwargs,
