@@ -327,3 +327,21 @@ fn records_with_ids_past_the_vocabulary_are_not_written() {
     r.tokens[0] = 9999;
     assert!(matches!(w.append(&r), Err(DatasetError::InvalidRecord(_))));
 }
+
+#[test]
+fn resume_removes_a_shard_whose_preamble_was_torn() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    write(tmp.path(), 0..3, 1 << 20);
+    // The writer died right after creating the next shard.
+    let preamble = std::fs::read(last_shard(tmp.path())).expect("read")[..10].to_vec();
+    std::fs::write(tmp.path().join("shard-00001.cds"), preamble).expect("write");
+    let (mut w, state) =
+        DatasetWriter::resume(tmp.path(), &teacher(b"tok"), CORPUS).expect("resume");
+    assert_eq!(state.ids.len(), 3);
+    assert_eq!(state.dropped_torn_bytes, 10);
+    w.append(&record(3)).expect("append");
+    w.sync().expect("sync");
+    let ds = Dataset::open(tmp.path(), ReadOptions::default()).expect("open");
+    assert_eq!(ds.stats().expect("stats").records, 4);
+    assert!(!tmp.path().join("shard-00001.cds").exists());
+}

@@ -98,8 +98,14 @@ impl DatasetWriter {
                 }
                 state.target_tokens += rec.num_targets() as u64;
             }
-            if let Some((offset, _)) = scan.torn {
-                truncate(path, offset)?;
+            match scan.torn {
+                // The writer died creating this shard: remove it, or it would become a torn
+                // shard that is no longer the last one.
+                Some((0, _)) => {
+                    std::fs::remove_file(path).map_err(|e| DatasetError::io(path, e))?
+                }
+                Some((offset, _)) => truncate(path, offset)?,
+                None => {}
             }
         }
         let next = shards.last().map_or(0, |(n, _)| n + 1);
