@@ -289,6 +289,39 @@ impl StopStrings {
     }
 }
 
+/// Streaming text of one sequence: [`IncrementalDecoder`] followed by [`StopStrings`].
+pub struct TextStream<F: Fn(&[u32]) -> String> {
+    decoder: IncrementalDecoder<F>,
+    stops: StopStrings,
+}
+
+impl<F: Fn(&[u32]) -> String> TextStream<F> {
+    /// Decode with `decode`, stop at any of `stops`.
+    pub fn new(decode: F, stops: Vec<String>) -> Self {
+        Self {
+            decoder: IncrementalDecoder::new(decode),
+            stops: StopStrings::new(stops),
+        }
+    }
+
+    /// Add a generated token: the text to show now, and whether a stop string was reached (then
+    /// return [`Control::Stop`] from the generation callback).
+    pub fn push(&mut self, token: u32) -> (String, bool) {
+        let delta = self.decoder.push(token);
+        self.stops.push(&delta)
+    }
+
+    /// At the end: the text still held back (unless a stop string ended the stream).
+    pub fn finish(&mut self) -> String {
+        let tail = self.decoder.finish();
+        let (mut out, stopped) = self.stops.push(&tail);
+        if !stopped {
+            out.push_str(&self.stops.finish());
+        }
+        out
+    }
+}
+
 /// Byte offset of the earliest occurrence of any of `stops` in `text`.
 pub fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops
@@ -577,6 +610,29 @@ mod tests {
         }
         out.push_str(&d.finish());
         assert_eq!(out, text);
+    }
+
+    #[test]
+    fn text_stream_stops_inside_a_token() {
+        let decode = |ids: &[u32]| {
+            ids.iter()
+                .map(|&i| ["he", "llo", " wo", "rld", "!"][i as usize])
+                .collect::<String>()
+        };
+        let mut s = TextStream::new(decode, vec!["o w".into()]);
+        let mut out = String::new();
+        let mut stopped = false;
+        for t in 0..5 {
+            let (d, stop) = s.push(t);
+            out.push_str(&d);
+            if stop {
+                stopped = true;
+                break;
+            }
+        }
+        out.push_str(&s.finish());
+        assert!(stopped);
+        assert_eq!(out, "hell");
     }
 
     #[test]

@@ -12,6 +12,25 @@
 //!   `[b, kv_heads, groups * t, d]` so one KV head serves its group in one matmul.
 //! - [`Path::Train`] uses only differentiable ops so gradients reach prefix K/V and soft prompts;
 //!   [`Path::Infer`] uses candle's fused RMSNorm and RoPE.
+//!
+//! ```no_run
+//! use candle_core::{DType, Device, Tensor};
+//! use cartridge_runtime::{safetensors_dir, Logits, Path, PrefixStack};
+//!
+//! # fn main() -> cartridge_runtime::Result<()> {
+//! let (_cfg, model) =
+//!     safetensors_dir::load_model("model-dir".as_ref(), DType::F32, &Device::Cpu)?;
+//! // A cartridge from the KV of some corpus tokens (keys post-RoPE at positions 0..p-1).
+//! let cart = model.prefix_kv(None, &[1, 42, 7, 99])?;
+//! let prefix = PrefixStack::new().with_cartridge(cart).resolve(&model, Path::Infer)?;
+//! // The user's tokens start at position 4; decode with a cache the caller owns.
+//! let mut cache = model.new_cache(1);
+//! let ids = Tensor::new(&[[5u32, 6, 7]], &Device::Cpu)?;
+//! let logits = model.forward(prefix.as_ref(), Some(&mut cache), &ids, Logits::Last, Path::Infer)?;
+//! assert_eq!(logits.dims(), &[1, model.config().vocab_size]);
+//! # Ok(())
+//! # }
+//! ```
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
