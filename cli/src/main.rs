@@ -2,6 +2,7 @@
 
 mod commands;
 mod output;
+mod progress;
 mod session;
 
 use std::process::ExitCode;
@@ -18,8 +19,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Show what a .cart file holds (kind, model, dims, sizes, provenance); --verify checks every checksum.
+    /// Show what a .cart file or dataset folder holds; --verify checks every checksum.
     Inspect(commands::inspect::Args),
+    /// Self-study: synthesise conversations about a corpus with the teacher's top-k log-probs.
+    Synthesize(commands::synthesize::Args),
     /// Generate a completion for one prompt, optionally with cartridges and a soft prompt in front.
     Generate(commands::generate::Args),
     /// Chat interactively with the model (and its cartridges); /reset, /exit.
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Generate(args) => commands::generate::run(args),
+        Command::Synthesize(args) => commands::synthesize::run(args),
         Command::Chat(args) => commands::chat::run(args),
     };
     match result {

@@ -1,4 +1,5 @@
-//! `cartridge inspect FILE...`: a summary of each `.cart`, optionally verified.
+//! `cartridge inspect PATH...`: a summary of each `.cart` (optionally verified) or self-study
+//! dataset folder (counts, tokens, seed kinds, `--show N` samples).
 //!
 //! Exit 0 when every file is good, 2 when any is not (one line per bad file on stderr, saying what
 //! is wrong and where).
@@ -9,15 +10,19 @@ use std::process::ExitCode;
 use cartridge_formats::cart::{CartFile, Compression, Dims, Header};
 use serde_json::json;
 
+use super::inspect_dataset as dataset;
 use crate::output::human_bytes;
 use crate::EXIT_BAD_INPUT;
 
 /// Options of `cartridge inspect`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// `.cart` files to inspect.
-    #[arg(required = true)]
+    /// `.cart` files or dataset folders (from `cartridge synthesize`) to inspect.
+    #[arg(required = true, value_name = "PATH")]
     files: Vec<PathBuf>,
+    /// For a dataset folder, also print the first N conversations.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    show: usize,
     /// Also check every checksum (payload and each tensor).
     #[arg(long)]
     verify: bool,
@@ -38,6 +43,9 @@ struct Summary {
 }
 
 fn inspect_one(path: &Path, verify: bool) -> Result<(Summary, bool), String> {
+    if path.is_dir() {
+        return Err(format!("{}: is a folder", path.display()));
+    }
     let file = CartFile::open(path).map_err(|e| e.to_string())?;
     if verify {
         file.verify().map_err(|e| e.to_string())?;
@@ -53,6 +61,29 @@ fn inspect_one(path: &Path, verify: bool) -> Result<(Summary, bool), String> {
 
 /// Run the subcommand.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let (dirs, files): (Vec<PathBuf>, Vec<PathBuf>) =
+        args.files.iter().cloned().partition(|p| p.is_dir());
+    let mut any_bad = false;
+    let mut json_items = Vec::new();
+    for dir in &dirs {
+        match dataset::inspect(dir, args.show) {
+            Ok(report) => {
+                if args.json {
+                    json_items.push(report.to_json());
+                } else {
+                    report.print();
+                }
+            }
+            Err(e) => {
+                any_bad = true;
+                if args.json {
+                    json_items.push(json!({ "path": dir.display().to_string(), "ok": false, "error": e.to_string() }));
+                }
+                eprintln!("error: {e}");
+            }
+        }
+    }
+    let args = Args { files, ..args };
     let reports: Vec<Report> = args
         .files
         .iter()
@@ -61,10 +92,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             outcome: inspect_one(path, args.verify),
         })
         .collect();
-    let any_bad = reports.iter().any(|r| r.outcome.is_err());
+    any_bad |= reports.iter().any(|r| r.outcome.is_err());
     if args.json {
-        let items: Vec<_> = reports.iter().map(to_json).collect();
-        println!("{}", serde_json::to_string_pretty(&items)?);
+        json_items.extend(reports.iter().map(to_json));
+        println!("{}", serde_json::to_string_pretty(&json_items)?);
     } else {
         for r in &reports {
             if let Ok((s, verified)) = &r.outcome {

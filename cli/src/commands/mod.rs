@@ -3,3 +3,5 @@
 pub mod chat;
 pub mod generate;
 pub mod inspect;
+pub mod inspect_dataset;
+pub mod synthesize;

@@ -1,0 +1,146 @@
+//! `cartridge synthesize` and `cartridge inspect DIR` on the real default model: a small run, its
+//! resume, and clear errors for empty or binary corpora.
+//!
+//! Needs the default model (`scripts/fetch-model.sh`); without it these tests print a note and pass,
+//! except under CI (`CI` set), where a missing model is a failure.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use cartridge_runtime::loader;
+
+fn model_present() -> bool {
+    let Ok(path) = loader::default_model_path() else {
+        return false;
+    };
+    if path.exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "model {} missing under CI",
+        path.display()
+    );
+    eprintln!(
+        "skipped: {} not found; run scripts/fetch-model.sh",
+        path.display()
+    );
+    false
+}
+
+fn cartridge(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cartridge"))
+        .args(args)
+        .output()
+        .expect("run cartridge")
+}
+
+fn ok_json(out: &Output) -> serde_json::Value {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
+const SMALL: &[&str] = &[
+    "--batch",
+    "3",
+    "--chunk-min",
+    "48",
+    "--chunk-max",
+    "64",
+    "--max-answer-tokens",
+    "12",
+    "--max-user-tokens",
+    "16",
+    "--json",
+];
+
+#[test]
+fn synthesize_resume_and_inspect() {
+    if !model_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    std::fs::create_dir(&corpus).unwrap();
+    std::fs::write(
+        corpus.join("notes.md"),
+        "The Gray Needle lighthouse of Velmora is 41 meters tall and was rebuilt in 1788. \
+         Its keeper in 1850 was Tomas Arvidsen, who logged 2,314 ship arrivals that year. \
+         The town council meets every second Tuesday in the Salt Hall.",
+    )
+    .unwrap();
+    std::fs::write(
+        corpus.join("logo.png"),
+        [0x89u8, b'P', b'N', b'G', 0, 0, 0, 13, 0xff],
+    )
+    .unwrap();
+    let out: PathBuf = dir.path().join("data");
+    let (c, o) = (corpus.to_str().unwrap(), out.to_str().unwrap());
+
+    let first = ok_json(&cartridge(
+        &[&["synthesize", c, "--out", o, "--num", "3"], SMALL].concat(),
+    ));
+    assert_eq!(first["written"], 3);
+    assert_eq!(first["skipped_binary"], 1);
+
+    let resumed = ok_json(&cartridge(
+        &[
+            &["synthesize", c, "--out", o, "--num", "5", "--resume"],
+            SMALL,
+        ]
+        .concat(),
+    ));
+    assert_eq!(resumed["already_present"], 3);
+    assert_eq!(resumed["written"], 2);
+
+    let v = ok_json(&cartridge(&["inspect", "--json", "--show", "2", o]));
+    let d = &v[0];
+    assert_eq!(d["kind"], "dataset");
+    assert_eq!(d["records"], 5);
+    let kinds: u64 = d["seed_kinds"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(kinds, 5);
+    assert_eq!(d["samples"].as_array().unwrap().len(), 2);
+    assert!(d["target_tokens"].as_u64().unwrap() > 0);
+
+    // Without --resume an existing dataset is not overwritten.
+    let again = cartridge(&[&["synthesize", c, "--out", o, "--num", "5"], SMALL].concat());
+    assert_ne!(again.status.code(), Some(0));
+}
+
+#[test]
+fn empty_and_binary_corpora_are_clear_errors() {
+    if !model_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let binary = dir.path().join("binary");
+    std::fs::create_dir(&binary).unwrap();
+    std::fs::write(binary.join("a.bin"), [0u8, 1, 2, 3, 0, 0, 255]).unwrap();
+    for corpus in [&empty, &binary] {
+        let out = cartridge(&[
+            "synthesize",
+            corpus.to_str().unwrap(),
+            "--out",
+            dir.path().join("out").to_str().unwrap(),
+            "--num",
+            "1",
+        ]);
+        assert_ne!(out.status.code(), Some(0));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.starts_with("error: ") && err.contains("empty"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
