@@ -60,6 +60,20 @@ pub struct Timings {
     pub generated_tokens: u64,
 }
 
+impl Timings {
+    /// What accumulated since `earlier`.
+    pub fn since(&self, earlier: &Timings) -> Timings {
+        Timings {
+            prefix_secs: self.prefix_secs - earlier.prefix_secs,
+            generate_secs: self.generate_secs - earlier.generate_secs,
+            prefix_tokens: self.prefix_tokens.saturating_sub(earlier.prefix_tokens),
+            generated_tokens: self
+                .generated_tokens
+                .saturating_sub(earlier.generated_tokens),
+        }
+    }
+}
+
 /// A teacher model the synthesis loop can drive.
 pub trait Backend {
     /// Identity, window and stop tokens.

@@ -155,7 +155,7 @@ pub struct Summary {
     pub elapsed_secs: f64,
     /// Answer tokens per second.
     pub answer_tokens_per_sec: f64,
-    /// The backend's time split.
+    /// The backend's time split during this run.
     pub timings: Timings,
     /// Text files in the corpus.
     pub corpus_files: usize,
@@ -223,6 +223,7 @@ pub fn synthesize(
 ) -> Result<Summary> {
     config.validate()?;
     let start = Instant::now();
+    let timings_before = backend.timings();
     let info = backend.info().clone();
     let sizes = ChunkSizes::clipped(
         config.chunk_min_tokens,
@@ -335,7 +336,7 @@ pub fn synthesize(
     }
     summary.elapsed_secs = start.elapsed().as_secs_f64();
     summary.answer_tokens_per_sec = summary.answer_tokens as f64 / summary.elapsed_secs.max(1e-9);
-    summary.timings = backend.timings();
+    summary.timings = backend.timings().since(&timings_before);
     Ok(summary)
 }
 
