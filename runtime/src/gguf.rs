@@ -203,6 +203,23 @@ impl GgufFile {
         let architecture = self.architecture()?;
         let arch = self.get_str("general.architecture")?;
         let key = |k: &str| format!("{arch}.{k}");
+        // RoPE scaling changes every rotation angle; ignoring it would silently give wrong logits.
+        // llama.cpp stores Llama 3.1 scaling as a `rope_freqs.weight` tensor of per-frequency
+        // divisors and other schemes as `{arch}.rope.scaling.*`; we do not translate either.
+        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            return Err(self.err(
+                "RoPE frequency factors (rope_freqs.weight, Llama 3.1 style scaling) are not \
+                 supported from GGUF; load the model from its Hugging Face folder instead",
+            ));
+        }
+        if let Some(kind) = self.get_str_opt(&key("rope.scaling.type"))? {
+            if kind != "none" {
+                return Err(self.err(format!(
+                    "RoPE scaling {kind:?} is not supported from GGUF; load the model from its \
+                     Hugging Face folder instead"
+                )));
+            }
+        }
         let hidden_size = self.get_usize(&key("embedding_length"))?;
         let num_attention_heads = self.get_usize(&key("attention.head_count"))?;
         if num_attention_heads == 0 {
@@ -240,8 +257,7 @@ impl GgufFile {
             rope_theta: self
                 .get_f64_opt(&key("rope.freq_base"))?
                 .unwrap_or(10_000.0),
-            // llama.cpp stores Llama-3 style scaling as a `rope_freqs.weight` tensor rather than
-            // the Hugging Face parameters; we do not translate it back.
+            // Refused above when present.
             rope_scaling: None,
             max_position_embeddings: self
                 .get_u64_opt(&key("context_length"))?

@@ -454,3 +454,32 @@ fn sentencepiece_gguf_tokenizer_merges_by_score_with_byte_fallback() {
     let ids = tok.encode("<s>hello", false).unwrap();
     assert_eq!(ids, vec![1, id("\u{2581}hello")]);
 }
+
+#[test]
+fn gguf_rope_scaling_is_refused_not_ignored() {
+    let (tokens, types, merges) = vocab();
+    let s = |x: &str| Value::String(x.to_string());
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("yarn.gguf");
+    let tok_md = vec![
+        ("tokenizer.ggml.model", s("gpt2")),
+        ("tokenizer.ggml.pre", s("gpt2")),
+        (
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.iter().map(|t| s(t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges",
+            Value::Array(merges.iter().map(|m| s(m)).collect()),
+        ),
+        ("llama.rope.scaling.type", s("yarn")),
+        ("llama.rope.scaling.factor", Value::F32(4.0)),
+    ];
+    write_gguf_md(&path, &hf_weights(tokens.len()), tokens.len(), tok_md);
+    let err = loader::load(&path, &Device::Cpu).expect_err("scaled RoPE is refused");
+    assert!(err.to_string().contains("yarn"), "{err}");
+}
