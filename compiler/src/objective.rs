@@ -1,0 +1,179 @@
+//! The training objective on a batch of examples (Eyuboglu et al. 2025, §4: context distillation
+//! against the teacher's top-k; DESIGN.md §5):
+//!
+//! - `distill`: `-sum_k exp(t_k) * log_softmax(student)[id_k]` summed over target tokens;
+//! - `tokens`: next-token cross-entropy `-log_softmax(student)[next]` (ablation).
+//!
+//! Both are the same computation with different `(ids, weights)`: `tokens` is `k = 1`, weight 1.
+//! Callers divide the sum by the number of target tokens of the whole optimiser step, so the loss
+//! is averaged per target token however the step is split into micro-batches.
+//!
+//! Only what is needed is materialised: the forward stops at the final-normed hidden states
+//! ([`Logits::Hidden`]), the target rows are gathered, and only those rows go through the (frozen)
+//! LM head. The log-softmax is never formed in full: with `x` the shifted logits,
+//! `-sum_k w_k (x[id_k] - lse(x))` = `sum_k w_k lse(x) - sum_k w_k x[id_k]`, which needs the
+//! gathered columns and one log-sum-exp per row.
+
+use candle_core::{Device, Tensor, D};
+use cartridge_runtime::models::Logits;
+use cartridge_runtime::{ops, Path, PrefixKv, Transformer};
+use serde::{Deserialize, Serialize};
+
+use crate::data::Example;
+use crate::error::{Error, Result};
+
+/// Which loss trains the parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Cross-entropy against the teacher's top-k probabilities.
+    #[default]
+    Distill,
+    /// Plain next-token prediction on the recorded tokens.
+    Tokens,
+}
+
+/// A right-padded batch ready for the forward. Right padding needs no mask: with causal attention
+/// a real token never sees the pad tokens after it, and pad rows are never targets.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `[b, t]` token ids.
+    pub tokens: Tensor,
+    /// `[m]` flat row indices into `b * t` of the target rows.
+    pub rows: Tensor,
+    /// `[m, k]` ids whose log-probabilities are weighted.
+    pub ids: Tensor,
+    /// `[m, k]` weights (teacher probabilities, or 1 for `tokens`).
+    pub weights: Tensor,
+    /// `[m]` sum of each row's weights.
+    pub weight_sums: Tensor,
+    /// Number of target tokens `m`.
+    pub targets: usize,
+    /// Number of real (unpadded) tokens.
+    pub real_tokens: usize,
+}
+
+impl Batch {
+    /// Build a batch from examples for `objective` on `device`.
+    pub fn new(examples: &[&Example], objective: Objective, device: &Device) -> Result<Batch> {
+        let b = examples.len();
+        let t = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
+        if b == 0 || t == 0 {
+            return Err(Error::Data("an empty batch".into()));
+        }
+        let k = match objective {
+            Objective::Distill => examples.iter().map(|e| e.k).max().unwrap_or(1),
+            Objective::Tokens => 1,
+        };
+        let mut tokens = vec![0u32; b * t];
+        let (mut rows, mut ids, mut w, mut wsum) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut real = 0;
+        for (bi, e) in examples.iter().enumerate() {
+            tokens[bi * t..bi * t + e.tokens.len()].copy_from_slice(&e.tokens);
+            real += e.tokens.len();
+            for (r, &row) in e.rows.iter().enumerate() {
+                rows.push((bi * t) as u32 + row);
+                match objective {
+                    Objective::Tokens => {
+                        ids.push(e.next[r]);
+                        w.push(1f32);
+                        wsum.push(1f32);
+                    }
+                    Objective::Distill => {
+                        let mut s = 0f32;
+                        for j in 0..k {
+                            // Rows narrower than the batch's widest are padded with weight 0.
+                            let (id, p) = if j < e.k {
+                                let lp = e.topk_logprobs[r * e.k + j];
+                                (e.topk_ids[r * e.k + j], lp.exp())
+                            } else {
+                                (0, 0.0)
+                            };
+                            ids.push(id);
+                            w.push(p);
+                            s += p;
+                        }
+                        wsum.push(s);
+                    }
+                }
+            }
+        }
+        let m = rows.len();
+        if m == 0 {
+            return Err(Error::Data("a batch without targets".into()));
+        }
+        Ok(Batch {
+            tokens: Tensor::from_vec(tokens, (b, t), device)?,
+            rows: Tensor::from_vec(rows, m, device)?,
+            ids: Tensor::from_vec(ids, (m, k), device)?,
+            weights: Tensor::from_vec(w, (m, k), device)?,
+            weight_sums: Tensor::from_vec(wsum, m, device)?,
+            targets: m,
+            real_tokens: real,
+        })
+    }
+}
+
+/// The summed loss of `batch` after `prefix` (a scalar, f32): divide by the step's target count.
+pub fn loss_sum(
+    model: &Transformer,
+    prefix: Option<&PrefixKv>,
+    batch: &Batch,
+    path: Path,
+) -> Result<Tensor> {
+    let hidden = model.forward(prefix, None, &batch.tokens, Logits::Hidden, path)?;
+    let (b, t, h) = hidden.dims3()?;
+    let rows = hidden.reshape((b * t, h))?.index_select(&batch.rows, 0)?;
+    target_loss_sum(model, &rows, batch)
+}
+
+/// The loss from final-normed hidden states of the target rows `[m, hidden]`.
+pub fn target_loss_sum(model: &Transformer, rows: &Tensor, batch: &Batch) -> Result<Tensor> {
+    let logits = ops::frozen_linear(rows, model.lm_head_weight(), Path::Train)?;
+    let logits = logits.to_dtype(candle_core::DType::F32)?;
+    // Shift by the (detached) row max: exact for the gradient, and exp cannot overflow.
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let x = logits.broadcast_sub(&max)?;
+    let lse = x.exp()?.sum_keepdim(D::Minus1)?.log()?.squeeze(1)?;
+    let picked = x.gather(&batch.ids, 1)?;
+    let weighted = (picked * &batch.weights)?.sum_all()?;
+    let norm = (lse * &batch.weight_sums)?.sum_all()?;
+    Ok((norm - weighted)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(tokens: Vec<u32>, rows: Vec<u32>, k: usize) -> Example {
+        let m = rows.len();
+        Example {
+            next: rows.iter().map(|&r| tokens[r as usize + 1]).collect(),
+            tokens,
+            rows,
+            topk_ids: (0..m * k).map(|i| i as u32 % 5).collect(),
+            topk_logprobs: vec![-1.0; m * k],
+            k,
+        }
+    }
+
+    #[test]
+    fn batches_are_right_padded_with_flat_rows() {
+        let a = ex(vec![3, 4, 5], vec![1], 2);
+        let b = ex(vec![6, 7, 8, 9, 1], vec![0, 3], 1);
+        let batch = Batch::new(&[&a, &b], Objective::Distill, &Device::Cpu).unwrap();
+        assert_eq!(batch.tokens.dims(), &[2, 5]);
+        assert_eq!(batch.rows.to_vec1::<u32>().unwrap(), vec![1, 5, 8]);
+        assert_eq!(batch.ids.dims(), &[3, 2]);
+        // The narrower example's second column has weight 0.
+        let w = batch.weights.to_vec2::<f32>().unwrap();
+        assert_eq!(w[1][1], 0.0);
+        assert!((w[0][1] - (-1f32).exp()).abs() < 1e-7);
+        let tok = Batch::new(&[&a, &b], Objective::Tokens, &Device::Cpu).unwrap();
+        assert_eq!(
+            tok.ids.to_vec2::<u32>().unwrap(),
+            vec![vec![5], vec![7], vec![1]]
+        );
+        assert_eq!(batch.real_tokens, 8);
+    }
+}

@@ -1,0 +1,518 @@
+//! The training loop: examples -> parameters -> (micro-batched forward/backward, Adam) x steps ->
+//! held-out evaluation, checkpoints, metrics -> the `.cart`.
+//!
+//! Determinism: initialisation, split and data order are seeded; every tensor op runs in a fixed
+//! order on the CPU, so the same settings give the same bytes, and a run stopped after step `k` and
+//! resumed from its checkpoint writes exactly the file an uninterrupted run writes.
+
+use std::path::{Path as FsPath, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use cartridge_formats::cart::Provenance;
+use cartridge_formats::dataset::{Dataset, Record};
+use cartridge_formats::ModelFingerprint;
+use cartridge_runtime::cartridge_file::{save_cartridge, save_soft_prompt, SoftPrompt};
+use cartridge_runtime::{Path, PrefixKv, Transformer};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::{self, CheckpointState};
+use crate::config::{ArtifactKind, RunOptions, TrainConfig};
+use crate::data::{self, Example};
+use crate::error::{Error, Result};
+use crate::eval::{self, EvalPoint};
+use crate::init::{init_kv, init_soft_prompt};
+use crate::metrics::MetricsLog;
+use crate::objective::{loss_sum, Batch};
+use crate::optim::Adam;
+use crate::params::{KvParams, Params, SoftParams};
+
+/// Checkpoint format version.
+const CHECKPOINT_VERSION: u32 = 1;
+
+/// Conversations with teacher top-k, and where they came from.
+#[derive(Debug, Clone, Default)]
+pub struct TrainData {
+    /// The records, in dataset order.
+    pub records: Vec<Record>,
+    /// `sha256:<hex>` of the corpus (recorded in the provenance).
+    pub corpus_digest: Option<String>,
+    /// The teacher that produced the top-k (its tokenizer must be the student's).
+    pub teacher: Option<ModelFingerprint>,
+}
+
+impl TrainData {
+    /// Every record of a dataset, with its manifest's corpus digest and teacher.
+    pub fn from_dataset(ds: &Dataset) -> Result<Self> {
+        let m = ds.manifest();
+        Ok(Self {
+            records: ds.records()?,
+            corpus_digest: Some(m.corpus_digest.clone()).filter(|d| !d.is_empty()),
+            teacher: Some(m.teacher.clone()),
+        })
+    }
+}
+
+/// The frozen model the parameters are trained for.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelRef<'a> {
+    /// The forward (f32).
+    pub transformer: &'a Transformer,
+    /// Its identity, written into the `.cart`.
+    pub fingerprint: &'a ModelFingerprint,
+}
+
+/// One optimiser step, as reported to the progress callback and the metrics file.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StepInfo {
+    /// Steps completed (1-based index of this step).
+    pub step: usize,
+    /// Steps of the whole run.
+    pub total_steps: usize,
+    /// Mean per-target training loss of this step's batch (before the update).
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Real tokens in the batch.
+    pub tokens: usize,
+    /// Target tokens in the batch.
+    pub targets: usize,
+    /// Wall time of the step.
+    pub seconds: f64,
+}
+
+/// What the callback hears.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// Training is about to start (or continue at `start_step`).
+    Started {
+        /// First step to run (0, or the checkpoint's).
+        start_step: usize,
+        /// Steps of the whole run.
+        total_steps: usize,
+        /// Training conversations.
+        train_examples: usize,
+        /// Held-out conversations.
+        eval_examples: usize,
+        /// Trainable scalars.
+        trainable: usize,
+    },
+    /// A step finished.
+    Step(StepInfo),
+    /// A held-out evaluation finished.
+    Eval(EvalPoint),
+    /// A checkpoint was written.
+    Checkpoint {
+        /// Steps it covers.
+        step: usize,
+    },
+}
+
+/// What a run did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainSummary {
+    /// Whether all steps ran and the artifact was written (false: stopped early, checkpointed).
+    pub finished: bool,
+    /// Steps completed so far (in this and earlier invocations).
+    pub steps: usize,
+    /// Steps of the whole run.
+    pub total_steps: usize,
+    /// Training conversations.
+    pub train_examples: usize,
+    /// Held-out conversations.
+    pub eval_examples: usize,
+    /// Trainable scalars.
+    pub trainable: usize,
+    /// Mean training loss of the last step run here.
+    pub last_train_loss: Option<f64>,
+    /// Held-out evaluation before training (or at resume).
+    pub first_eval: Option<EvalPoint>,
+    /// Held-out evaluation at the end.
+    pub final_eval: Option<EvalPoint>,
+    /// The written artifact.
+    pub out: Option<PathBuf>,
+    /// Its size in bytes.
+    pub out_bytes: u64,
+    /// The metrics file.
+    pub metrics: PathBuf,
+    /// The checkpoint left behind when stopped early.
+    pub checkpoint: Option<PathBuf>,
+    /// Wall time of this invocation.
+    pub seconds: f64,
+    /// Training tokens per second (real tokens of the steps run here, step time only).
+    pub tokens_per_second: f64,
+}
+
+fn with_suffix(out: &FsPath, suffix: &str) -> PathBuf {
+    let mut name = out
+        .file_stem()
+        .map(|s| s.to_os_string())
+        .unwrap_or_else(|| "cartridge".into());
+    name.push(suffix);
+    out.with_file_name(name)
+}
+
+/// SHA-256 over everything training reads from the examples: a resumed run must see the same data.
+fn data_digest(examples: &[Example]) -> String {
+    let mut h = Sha256::new();
+    h.update((examples.len() as u64).to_le_bytes());
+    for e in examples {
+        for part in [&e.tokens, &e.rows, &e.next, &e.topk_ids] {
+            h.update((part.len() as u64).to_le_bytes());
+            for x in part.iter() {
+                h.update(x.to_le_bytes());
+            }
+        }
+        for x in &e.topk_logprobs {
+            h.update(x.to_bits().to_le_bytes());
+        }
+    }
+    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// A detached copy of the resolved prefix (evaluation needs no graph).
+fn eval_prefix(params: &Params, model: &Transformer) -> Result<Option<PrefixKv>> {
+    let Some(p) = params.stack()?.resolve(model, Path::Infer)? else {
+        return Ok(None);
+    };
+    let layers = p
+        .layers()
+        .iter()
+        .map(|(k, v)| (k.detach(), v.detach()))
+        .collect();
+    Ok(Some(PrefixKv::new(layers)?))
+}
+
+fn log_eval(
+    progress: &mut dyn FnMut(&Progress),
+    metrics: &mut MetricsLog,
+    p: &EvalPoint,
+) -> Result<()> {
+    progress(&Progress::Eval(*p));
+    metrics.write(
+        &serde_json::json!({"event": "eval", "step": p.step, "loss": p.loss,
+        "bare_loss": p.bare_loss, "teacher_loss": p.teacher_loss, "gap_closed": p.gap_closed}),
+    )
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(f64::from(t.to_dtype(DType::F32)?.to_scalar::<f32>()?))
+}
+
+/// Train `cfg.artifact` for `model` on `data` and write it to `out`.
+///
+/// `corpus_ids` are the corpus's tokens for [`crate::InitKind::CorpusText`] (the first
+/// `cfg.tokens` are used). The checkpoint and metrics files sit next to `out` unless `opts` names
+/// them. `progress` hears every step, evaluation and checkpoint.
+pub fn train(
+    cfg: &TrainConfig,
+    model: ModelRef<'_>,
+    data: &TrainData,
+    corpus_ids: Option<&[u32]>,
+    out: &FsPath,
+    opts: &RunOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<TrainSummary> {
+    let started = Instant::now();
+    cfg.validate()?;
+    let net = model.transformer;
+    if net.dtype() != DType::F32 {
+        return Err(Error::Config(format!(
+            "training runs an f32 model, this one is {:?}",
+            net.dtype()
+        )));
+    }
+    if let Some(t) = &data.teacher {
+        // The teacher's ids must mean the same tokens to the student.
+        if t.tokenizer_hash != model.fingerprint.tokenizer_hash
+            || t.vocab_size != model.fingerprint.vocab_size
+        {
+            return Err(Error::Data(format!(
+                "the dataset's teacher ({}) has another tokenizer than the model ({})",
+                t.short(),
+                model.fingerprint.short()
+            )));
+        }
+    }
+    let vocab = net.config().vocab_size;
+    let examples = data::prepare(&data.records, cfg.max_seq_len, vocab)?;
+    if examples.len() < 2 {
+        return Err(Error::Data(format!(
+            "{} conversations with targets: at least 2 are needed (one to train, one held out)",
+            examples.len()
+        )));
+    }
+    let digest = data_digest(&examples);
+    let (train_idx, eval_idx) = data::split(examples.len(), cfg.eval_conversations, cfg.seed);
+    let train_ex: Vec<&Example> = train_idx.iter().map(|&i| &examples[i]).collect();
+    let eval_ex: Vec<&Example> = eval_idx.iter().map(|&i| &examples[i]).collect();
+    let total_steps = cfg
+        .max_steps
+        .unwrap_or_else(|| (cfg.epochs * train_ex.len()).div_ceil(cfg.batch_size));
+
+    let mut params = match cfg.artifact {
+        ArtifactKind::Kv => Params::Kv(KvParams::new(
+            &init_kv(net, cfg.tokens, cfg.init, corpus_ids, cfg.seed)?,
+            cfg.frozen_tokens,
+        )?),
+        ArtifactKind::SoftPrompt => Params::Soft(SoftParams::new(&init_soft_prompt(
+            net, cfg.tokens, cfg.init, corpus_ids, cfg.seed,
+        )?)?),
+    };
+    let vars = params.vars();
+    let mut adam = Adam::new(vars.clone(), cfg.adam)?;
+    let ckpt_path = opts
+        .checkpoint_path
+        .clone()
+        .unwrap_or_else(|| with_suffix(out, ".ckpt"));
+    let metrics_path = opts
+        .metrics_path
+        .clone()
+        .unwrap_or_else(|| with_suffix(out, ".metrics.jsonl"));
+
+    // Resume.
+    let mut start_step = 0;
+    let mut created = opts
+        .created
+        .clone()
+        .unwrap_or_else(cartridge_formats::time::now_rfc3339);
+    if opts.resume && ckpt_path.is_file() {
+        let ck = checkpoint::load(&ckpt_path, net.device())?;
+        let bad = |message: String| Error::Checkpoint {
+            path: ckpt_path.clone(),
+            message,
+        };
+        if ck.state.version != CHECKPOINT_VERSION {
+            return Err(bad(format!("version {}", ck.state.version)));
+        }
+        if ck.state.settings != cfg.result_settings() {
+            return Err(bad(
+                "written with other training settings (start afresh without --resume)".into(),
+            ));
+        }
+        if ck.state.data_digest != digest {
+            return Err(bad("written for other training data".into()));
+        }
+        if ck.params.len() != vars.len() {
+            return Err(bad(format!(
+                "{} parameters, {} expected",
+                ck.params.len(),
+                vars.len()
+            )));
+        }
+        for (var, t) in vars.iter().zip(&ck.params) {
+            if var.dims() != t.dims() {
+                return Err(bad(format!(
+                    "parameter {:?}, {:?} expected",
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(t)?;
+        }
+        if let Params::Kv(kv) = &mut params {
+            kv.set_frozen(&ck.frozen)?;
+        }
+        adam.restore(ck.m, ck.v, ck.state.step)?;
+        start_step = ck.state.step;
+        created = ck.state.created;
+    }
+    let mut metrics = MetricsLog::open(&metrics_path, (start_step > 0).then_some(start_step))?;
+    progress(&Progress::Started {
+        start_step,
+        total_steps,
+        train_examples: train_ex.len(),
+        eval_examples: eval_ex.len(),
+        trainable: params.trainable_scalars(),
+    });
+
+    // The bare model and the teacher floor do not change during training: measure them once.
+    let objective = cfg.objective;
+    let (bare, teacher) = if eval_ex.is_empty() {
+        (f64::NAN, f64::NAN)
+    } else {
+        (
+            eval::mean_loss(net, None, &eval_ex, objective, cfg.micro_batch)?,
+            eval::teacher_floor(&eval_ex),
+        )
+    };
+    let evaluate = |params: &Params, step: usize| -> Result<Option<EvalPoint>> {
+        if eval_ex.is_empty() {
+            return Ok(None);
+        }
+        let prefix = eval_prefix(params, net)?;
+        let loss = eval::mean_loss(net, prefix.as_ref(), &eval_ex, objective, cfg.micro_batch)?;
+        Ok(Some(EvalPoint {
+            step,
+            loss,
+            bare_loss: bare,
+            teacher_loss: teacher,
+            gap_closed: eval::gap_closed(bare, teacher, loss),
+        }))
+    };
+    let save_ckpt = |params: &Params, adam: &Adam, step: usize| -> Result<()> {
+        let state = CheckpointState {
+            version: CHECKPOINT_VERSION,
+            step,
+            cursor: step * cfg.batch_size,
+            seed: cfg.seed,
+            settings: cfg.result_settings(),
+            data_digest: digest.clone(),
+            created: created.clone(),
+        };
+        let tensors: Vec<Tensor> = params
+            .vars()
+            .iter()
+            .map(|v| v.as_tensor().clone())
+            .collect();
+        let frozen = match params {
+            Params::Kv(kv) => kv.frozen_tensors(),
+            Params::Soft(_) => Vec::new(),
+        };
+        checkpoint::save(&ckpt_path, &state, &tensors, &frozen, adam.moments())
+    };
+
+    let first_eval = evaluate(&params, start_step)?;
+    if let Some(p) = &first_eval {
+        log_eval(progress, &mut metrics, p)?;
+    }
+    let end = opts.stop_after.map_or(total_steps, |s| s.min(total_steps));
+    let mut last_loss = None;
+    let (mut step_secs, mut step_tokens) = (0f64, 0usize);
+    for step in start_step..end {
+        let t0 = Instant::now();
+        let idx = data::step_indices(step, cfg.batch_size, train_ex.len(), cfg.seed);
+        let batch_ex: Vec<&Example> = idx.iter().map(|&i| train_ex[i]).collect();
+        let targets: usize = batch_ex.iter().map(|e| e.num_targets()).sum();
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let (mut loss, mut tokens) = (0f64, 0usize);
+        for chunk in batch_ex.chunks(cfg.micro_batch) {
+            let batch = Batch::new(chunk, objective, net.device())?;
+            let prefix = params.stack()?.resolve(net, Path::Train)?;
+            let l = loss_sum(net, prefix.as_ref(), &batch, Path::Train)?
+                .affine(1.0 / targets as f64, 0.0)?;
+            loss += scalar(&l)?;
+            tokens += batch.real_tokens;
+            let store = l.backward()?;
+            for (acc, var) in grads.iter_mut().zip(&vars) {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        let lr = cfg.schedule.lr(cfg.lr, step, total_steps);
+        adam.update(&grads, lr)?;
+        let info = StepInfo {
+            step: step + 1,
+            total_steps,
+            loss,
+            lr,
+            tokens,
+            targets,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        step_secs += info.seconds;
+        step_tokens += tokens;
+        last_loss = Some(loss);
+        progress(&Progress::Step(info));
+        metrics.write(
+            &serde_json::json!({"event": "step", "step": info.step, "loss": loss,
+            "lr": lr, "tokens": tokens, "targets": targets, "seconds": info.seconds}),
+        )?;
+        let done = step + 1;
+        if cfg.eval_every > 0 && done % cfg.eval_every == 0 && done < total_steps {
+            if let Some(p) = evaluate(&params, done)? {
+                log_eval(progress, &mut metrics, &p)?;
+            }
+        }
+        if cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0 && done < total_steps {
+            save_ckpt(&params, &adam, done)?;
+            progress(&Progress::Checkpoint { step: done });
+        }
+    }
+    let tokens_per_second = if step_secs > 0.0 {
+        step_tokens as f64 / step_secs
+    } else {
+        0.0
+    };
+    let mut summary = TrainSummary {
+        finished: false,
+        steps: end.max(start_step),
+        total_steps,
+        train_examples: train_ex.len(),
+        eval_examples: eval_ex.len(),
+        trainable: params.trainable_scalars(),
+        last_train_loss: last_loss,
+        first_eval,
+        final_eval: None,
+        out: None,
+        out_bytes: 0,
+        metrics: metrics_path.clone(),
+        checkpoint: None,
+        seconds: 0.0,
+        tokens_per_second,
+    };
+    if end < total_steps {
+        save_ckpt(&params, &adam, end)?;
+        progress(&Progress::Checkpoint { step: end });
+        summary.checkpoint = Some(ckpt_path);
+        summary.seconds = started.elapsed().as_secs_f64();
+        return Ok(summary);
+    }
+
+    let final_eval = evaluate(&params, total_steps)?;
+    if let Some(p) = &final_eval {
+        log_eval(progress, &mut metrics, p)?;
+    }
+    // Everything recorded here is a function of the settings and data (no timings), so the same
+    // run writes the same bytes.
+    let provenance = Provenance {
+        tool: format!("cartridge-compiler {}", env!("CARGO_PKG_VERSION")),
+        created,
+        corpus_digest: data.corpus_digest.clone(),
+        training: serde_json::json!({
+            "settings": cfg,
+            "steps": total_steps,
+            "train_conversations": train_ex.len(),
+            "eval_conversations": eval_ex.len(),
+            "data_digest": digest,
+            "eval": final_eval,
+        }),
+        metadata: Default::default(),
+    };
+    match &params {
+        Params::Kv(kv) => save_cartridge(
+            out,
+            &kv.prefix()?,
+            kv.frozen_tokens(),
+            model.fingerprint,
+            provenance,
+            opts.compression,
+        )?,
+        Params::Soft(s) => save_soft_prompt(
+            out,
+            &SoftPrompt {
+                embeddings: s.embeddings().clone(),
+                summary: None,
+            },
+            model.fingerprint,
+            provenance,
+            opts.compression,
+        )?,
+    }
+    // The artifact supersedes the checkpoint; a stale one could only confuse a later --resume.
+    if ckpt_path.is_file() {
+        std::fs::remove_file(&ckpt_path).map_err(|e| Error::io(&ckpt_path, e))?;
+    }
+    summary.finished = true;
+    summary.final_eval = final_eval;
+    summary.out_bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
+    summary.out = Some(out.to_path_buf());
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
