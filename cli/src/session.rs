@@ -139,12 +139,15 @@ impl Session {
     }
 
     /// Token ids of plain text (no template). A soft prompt's summary goes first, on its own line.
+    /// The model's own special tokens (a BOS, for models that want one) are added only when there
+    /// is no prefix: a cartridge plays the role of the sequence start, as in training.
     pub fn raw_ids(&self, text: &str) -> Result<Vec<u32>> {
         let text = match &self.summary {
             Some(s) => format!("{s}\n{text}"),
             None => text.to_string(),
         };
-        Ok(self.loaded.tokenizer.encode(&text, false)?)
+        let add_special = self.prefix.is_none();
+        Ok(self.loaded.tokenizer.encode(&text, add_special)?)
     }
 
     /// Decode ids to text (special tokens skipped).
