@@ -1,0 +1,197 @@
+//! The synthesis loop drives any [`Backend`]: a scripted fake (no model) shows exactly what the
+//! loop asks for and stores — shared prefix once per chunk and role, answer ids and top-k rows as
+//! returned — and that a backend returning malformed top-k is refused.
+
+use cartridge_formats::dataset::{Dataset, ReadOptions};
+use cartridge_formats::fingerprint::sha256_hex;
+use cartridge_formats::ModelFingerprint;
+use cartridge_selfstudy::corpus::{Corpus, CorpusFile};
+use cartridge_selfstudy::{
+    synthesize, Backend, BackendInfo, Completion, CompletionOutput, Result, SynthesisConfig,
+};
+
+const END: u32 = 2;
+
+/// Bytes are ids `3 + byte`; `<|im_end|>` is id 2; ChatML rendering.
+struct Fake {
+    info: BackendInfo,
+    calls: Vec<(usize, usize)>,
+    bad_topk: bool,
+}
+
+impl Fake {
+    fn new(bad_topk: bool) -> Self {
+        Fake {
+            info: BackendInfo {
+                teacher: ModelFingerprint {
+                    architecture: "llama".into(),
+                    num_layers: 1,
+                    hidden_size: 8,
+                    num_attention_heads: 1,
+                    num_kv_heads: 1,
+                    head_dim: 8,
+                    vocab_size: 259,
+                    rope_theta: 1e4,
+                    rope_scaling: None,
+                    tokenizer_hash: sha256_hex(b"fake tok"),
+                    weights_hash: sha256_hex(b"fake w"),
+                },
+                context_window: 4096,
+                stop_tokens: vec![END],
+            },
+            calls: Vec::new(),
+            bad_topk,
+        }
+    }
+}
+
+impl Backend for Fake {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            if let Some(r) = rest.strip_prefix("<|im_end|>") {
+                out.push(END);
+                rest = r;
+            } else {
+                out.push(3 + rest.as_bytes()[0] as u32);
+                rest = &rest[1..];
+            }
+        }
+        Ok(out)
+    }
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        let bytes: Vec<u8> = ids
+            .iter()
+            .filter(|&&i| i >= 3)
+            .map(|&i| (i - 3) as u8)
+            .collect();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+    fn token_text(&self, id: u32) -> Result<String> {
+        Ok(if id == END {
+            "<|im_end|>".into()
+        } else {
+            self.decode(&[id])?
+        })
+    }
+    fn render_chat(&self, messages: &[(String, String)], gen: bool) -> Result<String> {
+        let mut s: String = messages
+            .iter()
+            .map(|(r, c)| format!("<|im_start|>{r}\n{c}<|im_end|>\n"))
+            .collect();
+        if gen {
+            s.push_str("<|im_start|>assistant\n");
+        }
+        Ok(s)
+    }
+    fn complete(&mut self, shared: &[u32], reqs: &[Completion]) -> Result<Vec<CompletionOutput>> {
+        self.calls.push((shared.len(), reqs.len()));
+        Ok(reqs
+            .iter()
+            .map(|r| {
+                // "ok" + the seed's last digit, then the stop token.
+                let digit = b'0' + (r.seed % 10) as u8;
+                let tokens = vec![3 + b'o' as u32, 3 + b'k' as u32, 3 + digit as u32, END];
+                let rows = tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &t)| {
+                        // A broken backend returns rows of changing widths.
+                        let k = if self.bad_topk {
+                            1 + i % 2
+                        } else {
+                            r.top_logprobs
+                        };
+                        (0..k)
+                            .map(|j| (t + j as u32, -(j as f32) - 0.01 * i as f32))
+                            .collect()
+                    })
+                    .collect();
+                CompletionOutput {
+                    top_logprobs: if r.top_logprobs > 0 { rows } else { Vec::new() },
+                    tokens,
+                    stopped: true,
+                }
+            })
+            .collect())
+    }
+}
+
+fn corpus() -> Corpus {
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(20);
+    Corpus::from_files(
+        "mem",
+        vec![CorpusFile {
+            path: "fox.txt".into(),
+            text,
+        }],
+    )
+    .expect("corpus")
+}
+
+fn config() -> SynthesisConfig {
+    SynthesisConfig {
+        num_conversations: 5,
+        batch: 2,
+        chunk_min_tokens: 50,
+        chunk_max_tokens: 100,
+        top_k: 3,
+        ..SynthesisConfig::default()
+    }
+}
+
+#[test]
+fn the_loop_stores_what_the_backend_returns() {
+    let out = tempfile::tempdir().expect("tmp");
+    let mut fake = Fake::new(false);
+    let s = synthesize(&config(), &mut fake, &corpus(), out.path(), false, |_| {}).expect("run");
+    assert_eq!((s.written, s.chunks), (5, 3));
+    // Per chunk: one user-role call and one assistant-role call, both after the same prefix.
+    assert_eq!(fake.calls.len(), 6);
+    for pair in fake.calls.chunks(2) {
+        assert_eq!(pair[0].0, pair[1].0);
+    }
+    assert_eq!(
+        fake.calls.iter().map(|c| c.1).collect::<Vec<_>>(),
+        vec![2, 2, 2, 2, 1, 1]
+    );
+    let recs = Dataset::open(out.path(), ReadOptions::default())
+        .expect("open")
+        .records()
+        .expect("records");
+    for r in &recs {
+        assert_eq!(r.targets.len(), 1);
+        let (start, len) = r.targets[0];
+        assert_eq!(len, 4);
+        assert_eq!(r.tokens[start as usize + 3], END);
+        assert_eq!(r.top_k, 3);
+        let (ids, lps) = r.topk_row(0).expect("row");
+        assert_eq!(
+            ids,
+            &[
+                r.tokens[start as usize],
+                r.tokens[start as usize] + 1,
+                r.tokens[start as usize] + 2
+            ]
+        );
+        assert_eq!(lps, &[0.0, -1.0, -2.0]);
+        // The conversation tokens are the ChatML text after the system message.
+        let text = fake.decode(&r.tokens[..start as usize]).expect("decode");
+        assert!(text.starts_with("<|im_start|>user\n"), "{text:?}");
+        assert!(text.ends_with("assistant\n"), "{text:?}");
+        assert!(r.messages[0].content.starts_with("ok"));
+    }
+}
+
+#[test]
+fn malformed_top_k_from_a_backend_is_refused() {
+    let out = tempfile::tempdir().expect("tmp");
+    let mut fake = Fake::new(true);
+    let err = synthesize(&config(), &mut fake, &corpus(), out.path(), false, |_| {})
+        .expect_err("ragged top-k");
+    assert!(err.to_string().contains("different widths"), "{err}");
+}
