@@ -375,7 +375,9 @@ pub fn train(
     };
 
     let first_eval = evaluate(&params, start_step)?;
-    if let Some(p) = &first_eval {
+    // A resumed run does not log its starting point again: the log then reads exactly like an
+    // uninterrupted run's.
+    if let (Some(p), 0) = (&first_eval, start_step) {
         log_eval(progress, &mut metrics, p)?;
     }
     let end = opts.stop_after.map_or(total_steps, |s| s.min(total_steps));
