@@ -12,8 +12,10 @@ use cartridge_runtime::generate::{
 use cartridge_runtime::{loader, Logits, Path, PrefixKv, Transformer};
 
 fn main() -> anyhow::Result<()> {
+    cartridge_runtime::ops::pin_thread_count();
     // `FORWARD_SPEED=decode` runs only the batch-1 decode (for profiling).
     let only_decode = std::env::var("FORWARD_SPEED").is_ok_and(|v| v == "decode");
+    let only_train = std::env::var("FORWARD_SPEED").is_ok_and(|v| v == "train");
     let arg = std::env::args().nth(1).map(std::path::PathBuf::from);
     let path = loader::resolve_model_path(arg.as_deref())?;
     let dev = Device::Cpu;
@@ -44,7 +46,7 @@ fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    for n in [512usize, 2048] {
+    for n in [512usize, 2048].into_iter().filter(|_| !only_train) {
         let ids = Tensor::from_vec(toks(n, 1), (1, n), &dev)?;
         let mut cache = net.new_cache(1);
         let t = Instant::now();
@@ -53,12 +55,17 @@ fn main() -> anyhow::Result<()> {
         println!("prefill {n}: {:.2} s, {:.0} tok/s", s, n as f64 / s);
     }
     let cart = net.prefix_kv(None, &toks(256, 2))?;
-    let ctx = net.prefix_kv(None, &toks(2048, 3))?;
-    for (name, prefix) in [
-        ("no prefix", None),
-        ("cartridge 256", Some(&cart)),
-        ("context 2048", Some(&ctx)),
-    ] {
+    let ctx = net.prefix_kv(None, &toks(if only_train { 8 } else { 2048 }, 3))?;
+    let cases = if only_train {
+        vec![]
+    } else {
+        vec![
+            ("no prefix", None),
+            ("cartridge 256", Some(&cart)),
+            ("context 2048", Some(&ctx)),
+        ]
+    };
+    for (name, prefix) in cases {
         for b in [1usize, 8, 32] {
             let reqs: Vec<GenerateRequest> = (0..b)
                 .map(|i| GenerateRequest {

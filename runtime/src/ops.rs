@@ -220,6 +220,27 @@ fn gemm_xwt<T: candle_core::WithDType>(
     dst
 }
 
+/// Fix candle's CPU thread count for the process; call once at the start of `main`, before any
+/// other thread exists (it sets an environment variable). Returns the thread count.
+///
+/// Why: candle 0.11's `get_num_threads`, asked by every matmul and parallel op, falls back to
+/// `num_cpus::get_physical()` — which parses `/proc/cpuinfo` — on every call unless
+/// `RAYON_NUM_THREADS` is set. Measured with strace on SmolLM2-135M: 54,200 reads of
+/// `/proc/cpuinfo` while decoding 200 tokens (~270 per token), none with the variable set.
+/// An explicit `RAYON_NUM_THREADS` is respected.
+pub fn pin_thread_count() -> usize {
+    if let Some(n) = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
+        return n;
+    }
+    let n = candle_core::utils::get_num_threads();
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    n
+}
+
 /// RoPE frequency scaling we implement.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
