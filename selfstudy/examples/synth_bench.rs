@@ -56,19 +56,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let s = synthesize(&cfg, &mut backend, &corpus, out.path(), false, |_| {})?;
         let t = s.timings;
-        let (prefix, generate) = (t.prefix_secs, t.generate_secs);
+        let prefix = t.prefix_secs;
         let topk = topk_secs * s.answer_tokens as f64;
         println!(
             "batch {b:>2}: {} conversations, {} answer tokens in {:.1} s = {:.1} answer tok/s; \
-             shared prefill {:.1} s ({:.0}%), prompts+decode {:.1} s ({:.0}%), of which top-k ~{:.2} s",
+             shared prefill {:.1} s ({:.0}%), prompt prefill {:.1} s ({:.0}%), decode {:.1} s \
+             ({:.0}%, of which top-k ~{:.2} s)",
             s.written,
             s.answer_tokens,
             s.elapsed_secs,
             s.answer_tokens_per_sec,
             prefix,
             100.0 * prefix / s.elapsed_secs,
-            generate,
-            100.0 * generate / s.elapsed_secs,
+            t.prompt_secs,
+            100.0 * t.prompt_secs / s.elapsed_secs,
+            t.decode_secs,
+            100.0 * t.decode_secs / s.elapsed_secs,
             topk,
         );
         let recs = cartridge_formats::dataset::Dataset::open(

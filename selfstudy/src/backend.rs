@@ -52,8 +52,12 @@ pub struct CompletionOutput {
 pub struct Timings {
     /// Computing the shared prefixes.
     pub prefix_secs: f64,
-    /// Prefilling the per-request prompts and decoding.
+    /// Prefilling the per-request prompts and decoding (the next two together).
     pub generate_secs: f64,
+    /// Of which: prefilling the per-request prompts, up to the first generated token.
+    pub prompt_secs: f64,
+    /// Of which: decoding after the first token (includes top-k extraction).
+    pub decode_secs: f64,
     /// Prefix tokens computed.
     pub prefix_tokens: u64,
     /// Tokens generated.
@@ -66,6 +70,8 @@ impl Timings {
         Timings {
             prefix_secs: self.prefix_secs - earlier.prefix_secs,
             generate_secs: self.generate_secs - earlier.generate_secs,
+            prompt_secs: self.prompt_secs - earlier.prompt_secs,
+            decode_secs: self.decode_secs - earlier.decode_secs,
             prefix_tokens: self.prefix_tokens.saturating_sub(earlier.prefix_tokens),
             generated_tokens: self
                 .generated_tokens

@@ -184,14 +184,23 @@ impl Backend for LocalBackend {
                 top_logprobs: r.top_logprobs,
             })
             .collect();
+        // The first token is reported right after the prompts are prefilled: split the time there.
+        let mut first: Option<Instant> = None;
         let out = generate::generate_batch(
             &self.model,
             prefix.as_ref(),
             &reqs,
             &self.options,
-            |_, _| Control::Continue,
+            |_, _| {
+                first.get_or_insert_with(Instant::now);
+                Control::Continue
+            },
         )?;
-        self.timings.generate_secs += t0.elapsed().as_secs_f64();
+        let end = Instant::now();
+        let first = first.unwrap_or(end);
+        self.timings.generate_secs += (end - t0).as_secs_f64();
+        self.timings.prompt_secs += (first - t0).as_secs_f64();
+        self.timings.decode_secs += (end - first).as_secs_f64();
         Ok(out
             .into_iter()
             .map(|g| {
