@@ -145,6 +145,7 @@ fn cartridge_gradients_match_finite_differences() {
     for arch in ALL {
         let model = tiny_model(arch, DType::F64);
         let errs = cartridge_check(&model, Path::Train);
+        eprintln!("{arch:?}: prefix K/V relative errors {errs:?}");
         for e in &errs {
             assert!(
                 *e < 1e-2,
@@ -160,6 +161,7 @@ fn cartridge_gradients_match_finite_differences() {
 fn inference_path_gradients_are_caught_as_wrong() {
     let model = tiny_model(cartridge_runtime::models::Architecture::Llama, DType::F64);
     let errs = cartridge_check(&model, Path::Infer);
+    eprintln!("inference path: relative errors {errs:?}");
     assert!(
         errs.iter().any(|e| *e > 1e-1),
         "fused ops should have detached something: {errs:?}"
@@ -209,6 +211,7 @@ fn soft_prompt_gradients_match_finite_differences() {
             "numeric gradient is zero: bad test"
         );
         let e = rel_err(&ga, &fd);
+        eprintln!("{arch:?}: soft prompt relative error {e}");
         assert!(
             e < 1e-2,
             "{arch:?}: soft prompt gradient relative error {e}"
