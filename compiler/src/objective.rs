@@ -14,7 +14,7 @@
 //! `-sum_k w_k (x[id_k] - lse(x))` = `sum_k w_k lse(x) - sum_k w_k x[id_k]`, which needs the
 //! gathered columns and one log-sum-exp per row.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use cartridge_runtime::models::Logits;
 use cartridge_runtime::{ops, Path, PrefixKv, Transformer};
 use serde::{Deserialize, Serialize};
@@ -130,14 +130,20 @@ pub fn loss_sum(
 /// The loss from final-normed hidden states of the target rows `[m, hidden]`.
 pub fn target_loss_sum(model: &Transformer, rows: &Tensor, batch: &Batch) -> Result<Tensor> {
     let logits = ops::frozen_linear(rows, model.lm_head_weight(), Path::Train)?;
-    let logits = logits.to_dtype(candle_core::DType::F32)?;
+    // Half-precision logits are widened for the log-sum-exp; f32 and f64 (gradient checks) stay.
+    let logits = match logits.dtype() {
+        DType::F16 | DType::BF16 => logits.to_dtype(DType::F32)?,
+        _ => logits,
+    };
+    let weights = batch.weights.to_dtype(logits.dtype())?;
+    let weight_sums = batch.weight_sums.to_dtype(logits.dtype())?;
     // Shift by the (detached) row max: exact for the gradient, and exp cannot overflow.
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let x = logits.broadcast_sub(&max)?;
     let lse = x.exp()?.sum_keepdim(D::Minus1)?.log()?.squeeze(1)?;
     let picked = x.gather(&batch.ids, 1)?;
-    let weighted = (picked * &batch.weights)?.sum_all()?;
-    let norm = (lse * &batch.weight_sums)?.sum_all()?;
+    let weighted = (picked * &weights)?.sum_all()?;
+    let norm = (lse * &weight_sums)?.sum_all()?;
     Ok((norm - weighted)?)
 }
 

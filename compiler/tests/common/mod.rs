@@ -28,6 +28,11 @@ fn rand_tensor(rng: &mut StdRng, shape: &[usize], scale: f32, offset: f32) -> Te
 /// A tiny random Llama (tied embeddings, GQA 4/2 heads, 3 layers), f32 on the CPU, with a
 /// fingerprint made from `tag` (two tags: two "different" models).
 pub fn tiny_model(seed: u64, tag: &str) -> (Transformer, ModelFingerprint) {
+    tiny_model_dtype(seed, tag, DType::F32)
+}
+
+/// [`tiny_model`] in `dtype` (f64 for finite differences).
+pub fn tiny_model_dtype(seed: u64, tag: &str, dtype: DType) -> (Transformer, ModelFingerprint) {
     let (hid, h, kv, d, inter, layers) = (32, 4, 2, 8, 48, 3);
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -85,8 +90,7 @@ pub fn tiny_model(seed: u64, tag: &str) -> (Transformer, ModelFingerprint) {
         rand_tensor(&mut rng, &[hid], 0.2, 1.0),
     );
     candle_core::safetensors::save(&w, dir.path().join("model.safetensors")).expect("save");
-    let (cfg, model) =
-        safetensors_dir::load_model(dir.path(), DType::F32, &Device::Cpu).expect("load");
+    let (cfg, model) = safetensors_dir::load_model(dir.path(), dtype, &Device::Cpu).expect("load");
     let hash = |s: &str| {
         let hex: String = s
             .bytes()
