@@ -33,6 +33,8 @@ enum Command {
 pub const EXIT_BAD_INPUT: u8 = 2;
 
 fn main() -> ExitCode {
+    // Before any thread starts: candle otherwise re-reads /proc/cpuinfo on every op.
+    cartridge_runtime::ops::pin_thread_count();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => commands::inspect::run(args),

@@ -19,6 +19,7 @@ use cartridge_runtime::cartridge_file::{load_cartridge, save_cartridge};
 use cartridge_runtime::{loader, Logits, Path, Transformer};
 
 fn main() -> Result<()> {
+    cartridge_runtime::ops::pin_thread_count();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (text_path, out) = match args.as_slice() {
         [t, o, ..] => (PathBuf::from(t), PathBuf::from(o)),

@@ -73,6 +73,7 @@ fn read_bandwidth() -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    cartridge_runtime::ops::pin_thread_count();
     let dev = Device::Cpu;
     let path = loader::resolve_model_path(None)?;
     let m = loader::load(&path, &dev)?;
