@@ -24,7 +24,13 @@ pub enum InitKind {
     RandomText,
     /// Gaussian vectors with the per-layer scale of real K and V (or of the embeddings).
     RandomVectors,
+    /// The KV (or embeddings) of [`SAMPLED_CHUNKS`] windows of the corpus text at seeded random
+    /// offsets, concatenated (positions `0..p-1` over the concatenation).
+    SampledChunks,
 }
+
+/// Windows drawn by [`InitKind::SampledChunks`].
+pub const SAMPLED_CHUNKS: usize = 4;
 
 /// Tokens used to measure the scale of real K/V for [`InitKind::RandomVectors`].
 const SCALE_PROBE_TOKENS: usize = 64;
@@ -68,6 +74,20 @@ fn gaussian_like(rng: &mut StdRng, like: &Tensor, p: usize, scale: f64) -> Resul
     Ok(t.affine(scale, 0.0)?.to_dtype(like.dtype())?)
 }
 
+/// `n` ids from [`SAMPLED_CHUNKS`] windows of `ids` at random offsets (whole windows, in the
+/// order drawn; the last window takes the remainder).
+fn sampled_ids(rng: &mut StdRng, ids: Option<&[u32]>, n: usize, what: &str) -> Result<Vec<u32>> {
+    let ids = text_ids(ids, n, what).map(|_| ids.unwrap_or_default())?;
+    let mut out = Vec::with_capacity(n);
+    let per = n.div_ceil(SAMPLED_CHUNKS);
+    while out.len() < n {
+        let len = per.min(n - out.len());
+        let start = rng.random_range(0..=ids.len() - len);
+        out.extend_from_slice(&ids[start..start + len]);
+    }
+    Ok(out)
+}
+
 fn text_ids<'a>(ids: Option<&'a [u32]>, n: usize, what: &str) -> Result<&'a [u32]> {
     let ids = ids.ok_or_else(|| {
         Error::Config(format!(
@@ -98,6 +118,9 @@ pub fn init_kv(
     match kind {
         InitKind::CorpusText => Ok(model.prefix_kv(None, text_ids(corpus_ids, p, "a cartridge")?)?),
         InitKind::RandomText => Ok(model.prefix_kv(None, &random_ids(&mut rng, p, vocab))?),
+        InitKind::SampledChunks => {
+            Ok(model.prefix_kv(None, &sampled_ids(&mut rng, corpus_ids, p, "a cartridge")?)?)
+        }
         InitKind::RandomVectors => {
             let probe = model.prefix_kv(None, &random_ids(&mut rng, SCALE_PROBE_TOKENS, vocab))?;
             let layers = probe
@@ -138,6 +161,7 @@ pub fn init_soft_prompt(
     match kind {
         InitKind::CorpusText => rows(text_ids(corpus_ids, n, "a soft prompt")?),
         InitKind::RandomText => rows(&random_ids(&mut rng, n, vocab)),
+        InitKind::SampledChunks => rows(&sampled_ids(&mut rng, corpus_ids, n, "a soft prompt")?),
         InitKind::RandomVectors => {
             let hidden = model.config().hidden_size;
             let scale = std_of(emb)?;
@@ -150,6 +174,19 @@ pub fn init_soft_prompt(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampled_windows_come_from_the_text() {
+        let text: Vec<u32> = (100..200).collect();
+        let ids = sampled_ids(&mut StdRng::seed_from_u64(1), Some(&text), 10, "x").unwrap();
+        assert_eq!(ids.len(), 10);
+        // Windows of 3, 3, 3, 1 consecutive ids.
+        for w in [&ids[0..3], &ids[3..6], &ids[6..9]] {
+            assert!(w[1] == w[0] + 1 && w[2] == w[1] + 1, "{ids:?}");
+        }
+        assert!(sampled_ids(&mut StdRng::seed_from_u64(1), Some(&text[..5]), 10, "x").is_err());
+        assert!(sampled_ids(&mut StdRng::seed_from_u64(1), None, 10, "x").is_err());
+    }
 
     #[test]
     fn normals_are_seeded_and_standard() {

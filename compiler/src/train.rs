@@ -518,3 +518,23 @@ pub fn train(
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
+
+/// [`train`] for a loaded model and a dataset folder (what `cartridge train` and `cartridge build`
+/// call): the forward is built from `loaded`'s weights (shared, not copied).
+pub fn train_dataset(
+    cfg: &TrainConfig,
+    loaded: &cartridge_runtime::loader::LoadedModel,
+    dataset: &Dataset,
+    corpus_ids: Option<&[u32]>,
+    out: &FsPath,
+    opts: &RunOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<TrainSummary> {
+    let net = loaded.transformer()?;
+    let data = TrainData::from_dataset(dataset)?;
+    let model = ModelRef {
+        transformer: &net,
+        fingerprint: &loaded.fingerprint,
+    };
+    train(cfg, model, &data, corpus_ids, out, opts, progress)
+}
