@@ -31,6 +31,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod fused_loss;
 pub mod init;
 pub mod metrics;
 pub mod objective;

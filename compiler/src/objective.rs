@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Example;
 use crate::error::{Error, Result};
+use crate::fused_loss::FusedTopkLoss;
 
 /// Which loss trains the parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -129,6 +130,29 @@ pub fn loss_sum(
 
 /// The loss from final-normed hidden states of the target rows `[m, hidden]`.
 pub fn target_loss_sum(model: &Transformer, rows: &Tensor, batch: &Batch) -> Result<Tensor> {
+    // The fused op where it runs (CPU, f32/f64); the autograd formula elsewhere.
+    if rows.device().is_cpu()
+        && matches!(rows.dtype(), DType::F32 | DType::F64)
+        && rows.dtype() == model.lm_head_weight().dtype()
+    {
+        let op = FusedTopkLoss::new(
+            model.lm_head_weight().clone(),
+            batch.ids.clone(),
+            batch.weights.to_dtype(rows.dtype())?,
+            batch.weight_sums.to_dtype(rows.dtype())?,
+            rows.track_op(),
+        );
+        return Ok(rows.contiguous()?.apply_op1(op)?.sum_all()?);
+    }
+    unfused_target_loss_sum(model, rows, batch)
+}
+
+/// [`target_loss_sum`] with plain autograd ops (every device; the reference for the fused op).
+pub fn unfused_target_loss_sum(
+    model: &Transformer,
+    rows: &Tensor,
+    batch: &Batch,
+) -> Result<Tensor> {
     let logits = ops::frozen_linear(rows, model.lm_head_weight(), Path::Train)?;
     // Half-precision logits are widened for the log-sum-exp; f32 and f64 (gradient checks) stay.
     let logits = match logits.dtype() {

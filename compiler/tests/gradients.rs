@@ -78,3 +78,75 @@ fn full_loss_gradient_matches_finite_differences() {
         assert!(rel < 1e-4, "variable {vi}: relative gradient error {rel}");
     }
 }
+
+/// The fused LM-head + loss op gives the autograd formula's loss and prefix gradients.
+#[test]
+fn fused_loss_matches_autograd() {
+    use cartridge_compiler::objective::{target_loss_sum, unfused_target_loss_sum};
+    use cartridge_runtime::models::Logits;
+    let (model, _) = tiny_model(11, "model-a");
+    let data = toy_data(&model, 4, 7);
+    let exs: Vec<Example> = data
+        .records
+        .iter()
+        .map(|r| Example::from_record(r, 1024, VOCAB).unwrap().unwrap())
+        .collect();
+    let refs: Vec<&Example> = exs.iter().collect();
+    let batch = Batch::new(&refs, Objective::Distill, &Device::Cpu).unwrap();
+    let init = model.prefix_kv(None, &corpus()[..5]).unwrap();
+    let params = Params::Kv(KvParams::new(&init, 1).unwrap());
+    let vars = params.vars();
+    let run = |fused: bool| {
+        let prefix = params
+            .stack()
+            .unwrap()
+            .resolve(&model, Path::Train)
+            .unwrap();
+        let hidden = model
+            .forward(
+                prefix.as_ref(),
+                None,
+                &batch.tokens,
+                Logits::Hidden,
+                Path::Train,
+            )
+            .unwrap();
+        let (b, t, h) = hidden.dims3().unwrap();
+        let rows = hidden
+            .reshape((b * t, h))
+            .unwrap()
+            .index_select(&batch.rows, 0)
+            .unwrap();
+        let loss = if fused {
+            target_loss_sum(&model, &rows, &batch).unwrap()
+        } else {
+            unfused_target_loss_sum(&model, &rows, &batch).unwrap()
+        };
+        let grads = loss.backward().unwrap();
+        let g: Vec<Vec<f32>> = vars
+            .iter()
+            .map(|v| {
+                grads
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect();
+        (loss.to_scalar::<f32>().unwrap(), g)
+    };
+    let (lf, gf) = run(true);
+    let (lu, gu) = run(false);
+    assert!((lf - lu).abs() <= 1e-5 * lu.abs(), "{lf} vs {lu}");
+    for (a, b) in gf.iter().zip(&gu) {
+        let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+        let den: f32 = b.iter().map(|y| y * y).sum();
+        assert!(
+            den > 0.0 && (num / den).sqrt() < 1e-4,
+            "rel {}",
+            (num / den).sqrt()
+        );
+    }
+}

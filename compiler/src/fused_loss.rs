@@ -1,0 +1,137 @@
+//! LM head + top-k cross-entropy fused over row blocks, with the gradient computed in the forward
+//! (DESIGN.md §3: "a fused LM head + top-k loss over row blocks, never materialising
+//! [tokens, vocab] logits for backward").
+//!
+//! Per target row `r` with hidden state `h_r`, logits `z = W h_r`, weights `w_k` on ids `i_k` and
+//! `s = sum_k w_k`: `loss_r = s * lse(z) - sum_k w_k z[i_k]`, and
+//! `d loss_r / d h_r = W^T (s * softmax(z) - sum_k w_k e_{i_k})`. The loss is the last op of the
+//! graph and only scales each row, so the forward computes both over blocks of rows (one
+//! `[block, vocab]` buffer at a time) and keeps the `[m, hidden]` unit gradient; the backward only
+//! multiplies it by the incoming per-row gradient. Autograd would instead keep several
+//! `[m, vocab]` tensors alive until the backward.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
+
+/// Rows per block: a `[ROW_BLOCK, vocab]` buffer (~25 MB for a 49k vocabulary in f32).
+const ROW_BLOCK: usize = 128;
+
+/// The fused op; apply it to the target rows' hidden states `[m, hidden]` to get `[m]` losses.
+#[derive(Debug, Clone)]
+pub struct FusedTopkLoss {
+    /// LM head `[vocab, hidden]`.
+    pub lm_head: Tensor,
+    /// `[m, k]` ids.
+    pub ids: Tensor,
+    /// `[m, k]` weights, in the hidden states' dtype.
+    pub weights: Tensor,
+    /// `[m]` weight sums, same dtype.
+    pub weight_sums: Tensor,
+    /// Whether to compute the unit gradient (false for evaluation: half the work).
+    pub with_grad: bool,
+    grad: Arc<Mutex<Option<Tensor>>>,
+}
+
+impl FusedTopkLoss {
+    /// The op for these targets.
+    pub fn new(
+        lm_head: Tensor,
+        ids: Tensor,
+        weights: Tensor,
+        weight_sums: Tensor,
+        with_grad: bool,
+    ) -> Self {
+        Self {
+            lm_head,
+            ids,
+            weights,
+            weight_sums,
+            with_grad,
+            grad: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Per-row losses and unit gradients of `x: [m, hidden]` (no graph).
+    fn compute(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let m = x.dim(0)?;
+        let mut losses = Vec::new();
+        let mut grads = Vec::new();
+        let mut start = 0;
+        while start < m {
+            let len = ROW_BLOCK.min(m - start);
+            let xb = x.narrow(0, start, len)?;
+            let ids = self.ids.narrow(0, start, len)?.contiguous()?;
+            let w = self.weights.narrow(0, start, len)?.contiguous()?;
+            let s = self.weight_sums.narrow(0, start, len)?;
+            let z = xb.matmul(&self.lm_head.t()?)?;
+            let max = z.max_keepdim(D::Minus1)?;
+            let e = z.broadcast_sub(&max)?.exp()?;
+            let sum = e.sum_keepdim(D::Minus1)?;
+            let lse = (sum.log()? + &max)?.squeeze(1)?;
+            let picked = (z.gather(&ids, 1)? * &w)?.sum(1)?;
+            losses.push(((lse * &s)? - picked)?);
+            start += len;
+            if !self.with_grad {
+                continue;
+            }
+            // s * softmax(z) - scatter(w): built in place of `e`.
+            let p = e.broadcast_div(&sum)?.broadcast_mul(&s.unsqueeze(1)?)?;
+            let dz = p.scatter_add(&ids, &w.neg()?, 1)?;
+            grads.push(dz.matmul(&self.lm_head)?);
+        }
+        let grad = if self.with_grad {
+            Some(Tensor::cat(&grads, 0)?)
+        } else {
+            None
+        };
+        Ok((Tensor::cat(&losses, 0)?, grad))
+    }
+}
+
+impl CustomOp1 for FusedTopkLoss {
+    fn name(&self) -> &'static str {
+        "fused-topk-loss"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, h) = layout.shape().dims2()?;
+        let x = match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => {
+                Tensor::from_slice(&v[a..b], (m, h), &candle_core::Device::Cpu)?
+            }
+            (CpuStorage::F64(v), Some((a, b))) => {
+                Tensor::from_slice(&v[a..b], (m, h), &candle_core::Device::Cpu)?
+            }
+            _ => candle_core::bail!("fused-topk-loss wants contiguous f32 or f64 rows"),
+        };
+        let (loss, grad) = self.compute(&x)?;
+        if let Ok(mut g) = self.grad.lock() {
+            *g = grad;
+        }
+        let storage = match loss.dtype() {
+            DType::F64 => CpuStorage::F64(loss.to_vec1::<f64>()?),
+            _ => CpuStorage::F32(loss.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        };
+        Ok((storage, Shape::from(m)))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = self
+            .grad
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .ok_or_else(|| candle_core::Error::Msg("fused-topk-loss: no forward ran".into()))?;
+        Ok(Some(g.broadcast_mul(&grad_res.unsqueeze(1)?)?))
+    }
+}
