@@ -71,6 +71,21 @@ impl LoadedModel {
     pub fn transformer(&self) -> Result<Transformer> {
         Transformer::load(self.var_builder(), &self.config)
     }
+
+    /// The forward with the GGUF's quantised weights attached for decoding
+    /// ([`Transformer::attach_quantized`]); an HF folder has none, which is an error.
+    pub fn quantized_transformer(&self) -> Result<Transformer> {
+        if self.path.is_dir() {
+            return Err(Error::Msg(format!(
+                "{}: quantised inference needs a GGUF model (this is a Hugging Face folder)",
+                self.path.display()
+            )));
+        }
+        let mut model = self.transformer()?;
+        let gguf = GgufFile::open(&self.path)?;
+        model.attach_quantized(gguf.load_quantized(&self.config, &self.device)?)?;
+        Ok(model)
+    }
 }
 
 /// The cache folder: `$CARTRIDGE_HOME`, else `$HOME/.cache/cartridge`.

@@ -6,8 +6,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
-use cartridge_runtime::loader;
 use cartridge_selfstudy::corpus::{self, IngestOptions, InvalidUtf8};
 use cartridge_selfstudy::local::LocalBackend;
 use cartridge_selfstudy::{parse_seed_file, synthesize, SeedWeights, SynthesisConfig};
@@ -162,10 +160,13 @@ pub struct Args {
 pub fn run(args: Args) -> Result<ExitCode> {
     let config = args.synth.config(args.num)?;
     let corpus = corpus::ingest(&args.corpus, &args.corpus_args.options())?;
-    let path = loader::resolve_model_path(args.model.model.as_deref())?;
-    let loaded = loader::load(&path, &Device::Cpu)
-        .with_context(|| format!("loading model {}", path.display()))?;
-    let mut backend = LocalBackend::new(loaded)?;
+    let loaded = args.model.load()?;
+    let model = args.model.transformer(&loaded)?;
+    let template = loaded
+        .chat_template
+        .context("the model has no chat template; self-study needs a chat model")?;
+    let mut backend =
+        LocalBackend::from_parts(model, loaded.tokenizer, template, loaded.fingerprint)?;
     let summary = run_synthesis(
         &config,
         &mut backend,
