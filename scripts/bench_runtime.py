@@ -123,10 +123,11 @@ def main():
             f"{fmt(e['limit_tokens_per_s'])} | {e['tokens_per_s'] / e['limit_tokens_per_s']:.2f} |"
         )
     for e in r["decode"]:
-        pt = p["decode"][(e["prefix"], e["batch"])] if p else None
+        # PyTorch runs the dequantised f32 model only (transformers has no quantised CPU kernels).
+        pt = p["decode"][(e["prefix"], e["batch"])] if p and e["weights"] == "f32" else None
         ratio = f"{e['tokens_per_s'] / pt:.2f}" if pt else "-"
         lines.append(
-            f"| decode, prefix {e['prefix']}, batch {e['batch']} | {fmt(e['tokens_per_s'])} | {fmt(pt)} | {ratio} | "
+            f"| decode {e['weights']}, prefix {e['prefix']}, batch {e['batch']} | {fmt(e['tokens_per_s'])} | {fmt(pt)} | {ratio} | "
             f"{fmt(e['limit_tokens_per_s'])} | {e['tokens_per_s'] / e['limit_tokens_per_s']:.2f} |"
         )
     t = r["ttft"]

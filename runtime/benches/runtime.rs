@@ -78,6 +78,7 @@ fn main() -> anyhow::Result<()> {
     let path = loader::resolve_model_path(None)?;
     let m = loader::load(&path, &dev)?;
     let net = Transformer::load(m.var_builder(), &m.config)?;
+    let qnet = m.quantized_transformer()?;
     let cfg = m.config.clone();
     let vocab = cfg.vocab_size as u32;
 
@@ -118,10 +119,11 @@ fn main() -> anyhow::Result<()> {
     let prompt_len = 16usize;
     let steps = 16usize;
     let mut decode = Vec::new();
-    for (name, prefix, ctx) in [
-        ("none", None, 0usize),
-        ("cartridge_256", Some(&cart), 256),
-        ("context_2048", Some(&context), 2048),
+    for (name, weights, net, prefix, ctx) in [
+        ("none", "f32", &net, None, 0usize),
+        ("cartridge_256", "f32", &net, Some(&cart), 256),
+        ("context_2048", "f32", &net, Some(&context), 2048),
+        ("none", "quantized", &qnet, None, 0usize),
     ] {
         for b in [1usize, 8, 32] {
             let grid: Vec<u32> = (0..b)
@@ -148,9 +150,16 @@ fn main() -> anyhow::Result<()> {
             let bytes = (linear + head) * 4.0
                 + kv_bytes_per_token * (ctx as f64 + b as f64 * (prompt_len + steps / 2) as f64);
             let flops = b as f64 * (2.0 * (linear + head) + attn_flops(avg_ctx));
+            // Quantised weights: Q8_0 after re-quantisation, 8.5 bits per weight.
+            let bytes = if weights == "f32" {
+                bytes
+            } else {
+                bytes - (linear + head) * (4.0 - 8.5 / 8.0)
+            };
             let step_limit = (bytes / (bandwidth * 1e9)).max(flops / (gflops * 1e9));
             decode.push(json!({
                 "prefix": name,
+                "weights": weights,
                 "batch": b,
                 "tokens_per_s": (b * steps) as f64 / best,
                 "limit_tokens_per_s": b as f64 / step_limit,
