@@ -244,6 +244,17 @@ pub fn train(
             examples.len()
         )));
     }
+    // Training positions run from the prefix length to prefix + longest sequence; past the
+    // model's RoPE table the runtime could not serve the cartridge either.
+    let longest = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
+    let max_pos = net.config().max_position_embeddings;
+    if cfg.tokens + longest > max_pos {
+        return Err(Error::Config(format!(
+            "{} prefix tokens + {longest} sequence tokens exceed the model's {max_pos} positions \
+             (lower tokens or max_seq_len)",
+            cfg.tokens
+        )));
+    }
     let digest = data_digest(&examples);
     let (train_idx, eval_idx) = data::split(examples.len(), cfg.eval_conversations, cfg.seed);
     let train_ex: Vec<&Example> = train_idx.iter().map(|&i| &examples[i]).collect();
