@@ -19,10 +19,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Build a cartridge from a corpus: self-study, then distillation, then write the .cart.
+    Build(commands::build::Args),
     /// Show what a .cart file or dataset folder holds; --verify checks every checksum.
     Inspect(commands::inspect::Args),
     /// Self-study: synthesise conversations about a corpus with the teacher's top-k log-probs.
     Synthesize(commands::synthesize::Args),
+    /// Distil a self-study dataset into a KV cartridge (or a soft prompt).
+    Train(commands::train::Args),
     /// Generate a completion for one prompt, optionally with cartridges and a soft prompt in front.
     Generate(commands::generate::Args),
     /// Chat interactively with the model (and its cartridges); /reset, /exit.
@@ -40,6 +44,8 @@ fn main() -> ExitCode {
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Synthesize(args) => commands::synthesize::run(args),
+        Command::Train(args) => commands::train::run(args),
+        Command::Build(args) => commands::build::run(args),
         Command::Chat(args) => commands::chat::run(args),
     };
     match result {

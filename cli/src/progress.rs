@@ -47,6 +47,15 @@ impl Progress {
         }
     }
 
+    /// A line of text above the bar (or on stderr when there is no bar and no JSON).
+    pub fn println(&self, text: &str) {
+        match self {
+            Progress::Bar(bar) => bar.println(text),
+            Progress::Json => {}
+            Progress::Quiet => eprintln!("{text}"),
+        }
+    }
+
     /// Remove the bar.
     pub fn finish(&self) {
         if let Progress::Bar(bar) = self {

@@ -1,7 +1,9 @@
 //! One module per subcommand.
 
+pub mod build;
 pub mod chat;
 pub mod generate;
 pub mod inspect;
 pub mod inspect_dataset;
 pub mod synthesize;
+pub mod train;

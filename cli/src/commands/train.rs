@@ -1,0 +1,317 @@
+//! `cartridge train --data DIR --out F.cart`: distil a self-study dataset into a KV cartridge (or,
+//! with `--soft-prompt N`, a soft prompt). Checkpoints as it goes; `--resume` continues exactly.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use cartridge_compiler::{
+    ArtifactKind, InitKind, Objective, Progress as TrainProgress, RunOptions, Schedule,
+    TrainConfig, TrainSummary,
+};
+use cartridge_formats::cart::Compression;
+use cartridge_formats::dataset::{Dataset, ReadOptions};
+use cartridge_runtime::loader::LoadedModel;
+use cartridge_selfstudy::corpus::{self, IngestOptions};
+use serde_json::json;
+
+use crate::progress::Progress;
+use crate::session::ModelArgs;
+
+/// Training settings (shared with `build`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// Cartridge size `p` in tokens (KV slots).
+    #[arg(long, default_value_t = TrainConfig::default().tokens)]
+    pub tokens: usize,
+    /// Train a soft prompt of N embeddings instead of a KV cartridge.
+    #[arg(long, value_name = "N")]
+    pub soft_prompt: Option<usize>,
+    /// Leading cartridge slots kept frozen (the attention sink).
+    #[arg(long, default_value_t = TrainConfig::default().frozen_tokens)]
+    pub frozen_tokens: usize,
+    /// Initialisation: corpus (KV of the corpus's first tokens), random-text, random-vectors,
+    /// sampled-chunks.
+    #[arg(long, default_value = "corpus", value_parser = ["corpus", "random-text", "random-vectors", "sampled-chunks"])]
+    pub init: String,
+    /// Loss: distill (teacher top-k) or tokens (next-token prediction, for ablations).
+    #[arg(long, default_value = "distill", value_parser = ["distill", "tokens"])]
+    pub objective: String,
+    /// Learning rate (Adam, weight decay 0).
+    #[arg(long, default_value_t = TrainConfig::default().lr)]
+    pub lr: f64,
+    /// Warm up linearly over this many steps, then decay with a half cosine (0: constant rate).
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    /// Passes over the training conversations.
+    #[arg(long, default_value_t = TrainConfig::default().epochs)]
+    pub epochs: usize,
+    /// Optimiser steps (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Conversations per optimiser step.
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    pub batch_size: usize,
+    /// Conversations per forward/backward (gradient accumulation below --batch-size).
+    #[arg(long, default_value_t = TrainConfig::default().micro_batch)]
+    pub micro_batch: usize,
+    /// Tokens kept per conversation.
+    #[arg(long, default_value_t = TrainConfig::default().max_seq_len)]
+    pub max_seq_len: usize,
+    /// Conversations held out for evaluation.
+    #[arg(long, default_value_t = TrainConfig::default().eval_conversations)]
+    pub eval_conversations: usize,
+    /// Evaluate every N steps (0: at the start and the end only).
+    #[arg(long, default_value_t = TrainConfig::default().eval_every)]
+    pub eval_every: usize,
+    /// Checkpoint every N steps.
+    #[arg(long, default_value_t = TrainConfig::default().checkpoint_every)]
+    pub checkpoint_every: usize,
+    /// Seed of the data order, held-out split and random initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub train_seed: u64,
+    /// Write the .cart zstd-compressed (for distribution; loading decompresses it).
+    #[arg(long)]
+    pub compress: bool,
+}
+
+impl TrainArgs {
+    /// The trainer's configuration.
+    pub fn config(&self) -> Result<TrainConfig> {
+        let (artifact, tokens) = match self.soft_prompt {
+            Some(n) => (ArtifactKind::SoftPrompt, n),
+            None => (ArtifactKind::Kv, self.tokens),
+        };
+        if tokens == 0 {
+            bail!("the cartridge needs at least one token");
+        }
+        Ok(TrainConfig {
+            artifact,
+            tokens,
+            frozen_tokens: self.frozen_tokens,
+            init: match self.init.as_str() {
+                "random-text" => InitKind::RandomText,
+                "random-vectors" => InitKind::RandomVectors,
+                "sampled-chunks" => InitKind::SampledChunks,
+                _ => InitKind::CorpusText,
+            },
+            objective: match self.objective.as_str() {
+                "tokens" => Objective::Tokens,
+                _ => Objective::Distill,
+            },
+            lr: self.lr,
+            schedule: if self.warmup_steps > 0 {
+                Schedule::WarmupCosine {
+                    warmup_steps: self.warmup_steps,
+                    min_ratio: 0.1,
+                }
+            } else {
+                Schedule::Constant
+            },
+            batch_size: self.batch_size,
+            micro_batch: self.micro_batch,
+            epochs: self.epochs,
+            max_steps: self.max_steps,
+            max_seq_len: self.max_seq_len,
+            seed: self.train_seed,
+            eval_conversations: self.eval_conversations,
+            eval_every: self.eval_every,
+            checkpoint_every: self.checkpoint_every,
+            ..TrainConfig::default()
+        })
+    }
+
+    /// Whether the initialisation reads the corpus text.
+    pub fn needs_corpus(&self) -> bool {
+        matches!(self.init.as_str(), "corpus" | "sampled-chunks")
+    }
+}
+
+/// Options of `cartridge train`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The dataset folder written by `cartridge synthesize`.
+    #[arg(long)]
+    data: PathBuf,
+    /// The .cart to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// The corpus the dataset came from (needed by --init corpus and sampled-chunks).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// Continue from the checkpoint next to --out.
+    #[arg(long)]
+    resume: bool,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Progress as JSON lines on stderr and the summary as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Run the subcommand.
+pub fn run(args: Args) -> Result<ExitCode> {
+    let loaded = args.model.load()?;
+    let corpus_ids = match (&args.corpus, args.train.needs_corpus()) {
+        (Some(path), _) => Some(corpus_token_ids(&loaded, path, &IngestOptions::default())?),
+        (None, true) => bail!(
+            "--init {} needs the corpus text: pass --corpus PATH (or --init random-text)",
+            args.train.init
+        ),
+        (None, false) => None,
+    };
+    let summary = run_training(
+        &args.train,
+        &loaded,
+        &args.data,
+        corpus_ids.as_deref(),
+        &args.out,
+        args.resume,
+        args.json,
+    )?;
+    print_summary(&summary, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The corpus's token ids, files in order (what corpus initialisation reads).
+pub fn corpus_token_ids(
+    loaded: &LoadedModel,
+    path: &Path,
+    options: &IngestOptions,
+) -> Result<Vec<u32>> {
+    let corpus = corpus::ingest(path, options)?;
+    let mut ids = Vec::new();
+    for f in &corpus.files {
+        ids.extend(loaded.tokenizer.encode(&f.text, false)?);
+    }
+    Ok(ids)
+}
+
+/// Train with a progress display; shared with `build`.
+pub fn run_training(
+    train: &TrainArgs,
+    loaded: &LoadedModel,
+    data: &Path,
+    corpus_ids: Option<&[u32]>,
+    out: &Path,
+    resume: bool,
+    json: bool,
+) -> Result<TrainSummary> {
+    let cfg = train.config()?;
+    let dataset = Dataset::open(data, ReadOptions::default())
+        .with_context(|| format!("opening dataset {}", data.display()))?;
+    let opts = RunOptions {
+        resume,
+        compression: if train.compress {
+            Compression::Zstd
+        } else {
+            Compression::None
+        },
+        ..RunOptions::default()
+    };
+    let mut bar: Option<Progress> = None;
+    let summary = cartridge_compiler::train_dataset(
+        &cfg,
+        loaded,
+        &dataset,
+        corpus_ids,
+        out,
+        &opts,
+        &mut |p: &TrainProgress| match p {
+            TrainProgress::Started {
+                start_step,
+                total_steps,
+                train_examples,
+                eval_examples,
+                trainable,
+            } => {
+                let b = Progress::new(*total_steps as u64, "steps", json);
+                b.update(
+                    *start_step as u64,
+                    "starting".into(),
+                    json!({"event": "started", "stage": "train", "start_step": start_step,
+                        "total_steps": total_steps, "train_examples": train_examples,
+                        "eval_examples": eval_examples, "trainable": trainable}),
+                );
+                bar = Some(b);
+            }
+            TrainProgress::Step(s) => {
+                if let Some(b) = &bar {
+                    b.update(
+                        s.step as u64,
+                        format!(
+                            "loss {:.4}, {:.0} tok/s",
+                            s.loss,
+                            s.tokens as f64 / s.seconds
+                        ),
+                        json!({"event": "step", "stage": "train", "step": s.step,
+                            "total_steps": s.total_steps, "loss": s.loss, "lr": s.lr,
+                            "tokens": s.tokens, "seconds": s.seconds}),
+                    );
+                }
+            }
+            TrainProgress::Eval(e) => {
+                let line = json!({"event": "eval", "stage": "train", "step": e.step,
+                    "loss": e.loss, "bare_loss": e.bare_loss, "teacher_loss": e.teacher_loss,
+                    "gap_closed": e.gap_closed});
+                if json {
+                    eprintln!("{line}");
+                } else {
+                    let text = format!(
+                        "eval at step {}: loss {:.4} (bare model {:.4}, teacher {:.4}): {:.0}% of the gap closed",
+                        e.step, e.loss, e.bare_loss, e.teacher_loss, 100.0 * e.gap_closed
+                    );
+                    match &bar {
+                        Some(b) => b.println(&text),
+                        None => eprintln!("{text}"),
+                    }
+                }
+            }
+            TrainProgress::Checkpoint { step } => {
+                if json {
+                    eprintln!(
+                        "{}",
+                        json!({"event": "checkpoint", "stage": "train", "step": step})
+                    );
+                }
+            }
+        },
+    );
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    Ok(summary?)
+}
+
+fn print_summary(s: &TrainSummary, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(s)?);
+        return Ok(());
+    }
+    match &s.out {
+        Some(out) => println!(
+            "wrote {} ({} bytes) after {} steps",
+            out.display(),
+            s.out_bytes,
+            s.steps
+        ),
+        None => println!(
+            "stopped after {} of {} steps (checkpointed)",
+            s.steps, s.total_steps
+        ),
+    }
+    if let (Some(a), Some(b)) = (&s.first_eval, &s.final_eval) {
+        println!(
+            "held-out loss {:.4} -> {:.4} (bare model {:.4}, teacher {:.4}): {:.0}% of the gap closed",
+            a.loss,
+            b.loss,
+            b.bare_loss,
+            b.teacher_loss,
+            100.0 * b.gap_closed
+        );
+    }
+    println!("metrics: {}", s.metrics.display());
+    Ok(())
+}
