@@ -24,7 +24,7 @@
 //!
 //! Files: [`params`] (what is trained), [`init`] (where it starts), [`data`] (examples, split,
 //! order), [`objective`] (the loss), [`optim`] (Adam), [`schedule`] (learning rate),
-//! [`checkpoint`] (save/resume), [`eval`] (held-out gap), [`metrics`] (JSONL), [`train()`] (the loop).
+//! [`checkpoint`] (save/resume), [`eval`] (held-out gap), [`metrics`] (JSONL), [`plot`] (PNG), [`train()`] (the loop).
 
 pub mod checkpoint;
 pub mod config;
@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod objective;
 pub mod optim;
 pub mod params;
+pub mod plot;
 pub mod schedule;
 mod train;
 

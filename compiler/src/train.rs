@@ -136,6 +136,8 @@ pub struct TrainSummary {
     pub out_bytes: u64,
     /// The metrics file.
     pub metrics: PathBuf,
+    /// The PNG of the curves (written with the artifact).
+    pub plot: Option<PathBuf>,
     /// The checkpoint left behind when stopped early.
     pub checkpoint: Option<PathBuf>,
     /// Wall time of this invocation.
@@ -466,6 +468,7 @@ pub fn train(
         out: None,
         out_bytes: 0,
         metrics: metrics_path.clone(),
+        plot: None,
         checkpoint: None,
         seconds: 0.0,
         tokens_per_second,
@@ -482,6 +485,9 @@ pub fn train(
     if let Some(p) = &final_eval {
         log_eval(progress, &mut metrics, p)?;
     }
+    drop(metrics);
+    let png = with_suffix(out, ".metrics.png");
+    crate::plot::plot_metrics(&metrics_path, &png)?;
     // Everything recorded here is a function of the settings and data (no timings), so the same
     // run writes the same bytes.
     let provenance = Provenance {
@@ -523,6 +529,7 @@ pub fn train(
         std::fs::remove_file(&ckpt_path).map_err(|e| Error::io(&ckpt_path, e))?;
     }
     summary.finished = true;
+    summary.plot = Some(png);
     summary.final_eval = final_eval;
     summary.out_bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
     summary.out = Some(out.to_path_buf());

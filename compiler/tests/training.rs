@@ -135,6 +135,11 @@ fn held_out_loss_falls_and_frozen_slots_stay() {
         !dir.path().join("toy.ckpt").exists(),
         "checkpoint left behind"
     );
+    let png = std::fs::read(s.plot.expect("a plot")).unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+    if let Ok(keep) = std::env::var("KEEP_PLOT") {
+        std::fs::write(keep, &png).unwrap();
+    }
 }
 
 #[test]
