@@ -393,7 +393,11 @@ pub fn train(
     if let (Some(p), 0) = (&first_eval, start_step) {
         log_eval(progress, &mut metrics, p)?;
     }
-    let end = opts.stop_after.map_or(total_steps, |s| s.min(total_steps));
+    // Never below the resumed step: a checkpoint must not claim steps its parameters lack.
+    let end = opts
+        .stop_after
+        .map_or(total_steps, |s| s.min(total_steps))
+        .max(start_step);
     let mut last_loss = None;
     let (mut step_secs, mut step_tokens) = (0f64, 0usize);
     for step in start_step..end {
@@ -457,7 +461,7 @@ pub fn train(
     };
     let mut summary = TrainSummary {
         finished: false,
-        steps: end.max(start_step),
+        steps: end,
         total_steps,
         train_examples: train_ex.len(),
         eval_examples: eval_ex.len(),
