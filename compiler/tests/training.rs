@@ -313,3 +313,50 @@ fn loss_matches_the_full_vocabulary_formula() {
         "gathered {ours} vs full {want}"
     );
 }
+
+/// Gradient accumulation: a step split into micro-batches of 1 trains the same cartridge (up to
+/// summation order) as one forward over the whole batch, since the loss is averaged over the
+/// step's targets, not per micro-batch.
+#[test]
+fn micro_batches_accumulate_to_the_full_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = TrainConfig {
+        max_steps: Some(4),
+        eval_every: 0,
+        ..cfg()
+    };
+    let read = |name: &str, micro: usize| {
+        let out = dir.path().join(name);
+        let c = TrainConfig {
+            micro_batch: micro,
+            ..base.clone()
+        };
+        let (s, losses) = run(&c, &out, &opts());
+        let (_, fp) = tiny_model(11, "model-a");
+        let kv = load_cartridge(&out, &fp, &Device::Cpu).unwrap();
+        let v: Vec<f32> = kv
+            .layers()
+            .iter()
+            .flat_map(|(k, v)| {
+                let mut a: Vec<f32> = k.flatten_all().unwrap().to_vec1().unwrap();
+                a.extend(v.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                a
+            })
+            .collect();
+        (s, losses, v)
+    };
+    let (_, la, a) = read("full.cart", 4);
+    let (_, lb, b) = read("micro.cart", 1);
+    for (x, y) in la.iter().zip(&lb) {
+        assert!(
+            (x - y).abs() < 1e-4 * x.abs(),
+            "step losses {la:?} vs {lb:?}"
+        );
+    }
+    let max = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(max < 1e-3, "cartridges differ by {max}");
+}
