@@ -5,39 +5,13 @@
 //! Needs the default model (`scripts/fetch-model.sh`); without it the test prints a note and
 //! passes, except under CI (`CI` set), where a missing model is a failure.
 
-use std::process::{Command, Output};
+mod common;
 
-use cartridge_runtime::loader;
-
-fn model_present() -> bool {
-    let Ok(path) = loader::default_model_path() else {
-        return false;
-    };
-    if path.exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "model {} missing under CI",
-        path.display()
-    );
-    eprintln!(
-        "skipped: {} not found; run scripts/fetch-model.sh",
-        path.display()
-    );
-    false
-}
-
-fn cartridge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cartridge"))
-        .args(args)
-        .output()
-        .expect("run cartridge")
-}
+use common::cartridge;
 
 #[test]
 fn build_writes_a_cartridge_that_serves() {
-    if !model_present() {
+    if common::model_path().is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -4,37 +4,17 @@
 //! Needs the default model (`scripts/fetch-model.sh`); without it these tests print a note and pass,
 //! except under CI (`CI` set), where a missing model is a failure.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::path::Path;
+use std::process::Output;
 
 use candle_core::Device;
 use cartridge_formats::cart::{Compression, Provenance};
 use cartridge_runtime::cartridge_file::save_cartridge;
 use cartridge_runtime::{loader, Transformer};
 
-fn model_path() -> Option<PathBuf> {
-    let path = loader::default_model_path().ok()?;
-    if path.exists() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "model {} missing under CI: run scripts/fetch-model.sh",
-        path.display()
-    );
-    eprintln!(
-        "skipped: {} not found; run scripts/fetch-model.sh",
-        path.display()
-    );
-    None
-}
-
-fn cartridge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cartridge"))
-        .args(args)
-        .output()
-        .expect("run cartridge")
-}
+use common::{cartridge, model_path};
 
 fn json_of(out: &Output) -> serde_json::Value {
     assert_eq!(

@@ -1,18 +1,14 @@
 //! `cartridge inspect`: summaries, --json, --verify, and one clear line (exit 2) for bad files.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
 use cartridge_formats::cart::{self, CartContents, Compression, DType, Dims, KvDims, Provenance};
 use cartridge_formats::fingerprint::sha256_hex;
 use cartridge_formats::ModelFingerprint;
 
-fn cartridge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cartridge"))
-        .args(args)
-        .output()
-        .expect("run cartridge")
-}
+use common::cartridge;
 
 fn write_sample(path: &Path, compression: Compression) {
     let model = ModelFingerprint {

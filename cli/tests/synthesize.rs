@@ -4,36 +4,12 @@
 //! Needs the default model (`scripts/fetch-model.sh`); without it these tests print a note and pass,
 //! except under CI (`CI` set), where a missing model is a failure.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
-use cartridge_runtime::loader;
-
-fn model_present() -> bool {
-    let Ok(path) = loader::default_model_path() else {
-        return false;
-    };
-    if path.exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "model {} missing under CI",
-        path.display()
-    );
-    eprintln!(
-        "skipped: {} not found; run scripts/fetch-model.sh",
-        path.display()
-    );
-    false
-}
-
-fn cartridge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cartridge"))
-        .args(args)
-        .output()
-        .expect("run cartridge")
-}
+use common::cartridge;
 
 fn ok_json(out: &Output) -> serde_json::Value {
     assert_eq!(
@@ -61,7 +37,7 @@ const SMALL: &[&str] = &[
 
 #[test]
 fn synthesize_resume_and_inspect() {
-    if !model_present() {
+    if common::model_path().is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -119,7 +95,7 @@ fn synthesize_resume_and_inspect() {
 
 #[test]
 fn empty_and_binary_corpora_are_clear_errors() {
-    if !model_present() {
+    if common::model_path().is_none() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
