@@ -98,9 +98,10 @@ fn prefix_of(vb: &VarBuilder) -> String {
 }
 
 /// Rows (batch x tokens) up to which an inference matmul uses the quantised weight when there is
-/// one. Decoding is memory-bound, so reading 4-8x fewer weight bytes wins; a long prefill is
-/// compute-bound and runs faster through the f32 gemm.
-const QUANT_MAX_ROWS: usize = 32;
+/// one. Decoding a few sequences is memory-bound, so reading 4x fewer weight bytes wins; more rows
+/// are compute-bound and candle's f32 gemm is faster than its quantised kernel there (BENCHMARKS.md:
+/// quantised beats f32 at batch 8, 73 vs 47 tok/s, and loses at batch 32, 75 vs 134).
+const QUANT_MAX_ROWS: usize = 16;
 
 /// candle 0.11 has SIMD dot products for Q4_0, Q8_0 and the k-quants, but only scalar code for
 /// Q4_1/Q5_0/Q5_1 (4x slower than f32 here). Those are re-quantised once to Q8_0: 8.5 bits per
@@ -290,9 +291,9 @@ impl Transformer {
 
     /// Also hold the linear layers (and the LM head) quantised, from a GGUF's still-quantised
     /// tensors under Hugging Face names (`GgufFile::load_quantized`). Inference forwards with at
-    /// most 32 rows (decoding) then read the quantised weights (`QMatMul`: activations quantised to
-    /// 8 bits, integer dot products); training and long prefills keep the f32 weights. Returns how
-    /// many matrices were attached. Results differ from f32 by the quantisation of activations.
+    /// most 16 rows (decoding a few sequences) then read the quantised weights (`QMatMul`:
+    /// activations quantised to 8 bits, integer dot products); training, long prefills and larger
+    /// batches keep the f32 weights. Returns how many matrices were attached. Results differ from f32 by the quantisation of activations.
     pub fn attach_quantized(&mut self, mut weights: BTreeMap<String, QTensor>) -> Result<usize> {
         let mut take = |name: &str, linear: &mut Linear| -> Result<usize> {
             let Some(q) = weights.remove(name) else {
