@@ -301,30 +301,13 @@ impl GgufFile {
         cfg: &ModelConfig,
         device: &Device,
     ) -> Result<BTreeMap<String, Tensor>> {
-        let file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
-        let mut reader = BufReader::new(file);
         let mut out = BTreeMap::new();
-        for gguf_name in self.tensor_names() {
-            let Some(hf) = hf_name(gguf_name) else {
-                continue;
-            };
-            let info = self
-                .content
-                .tensor_infos
-                .get(gguf_name)
-                .ok_or_else(|| self.err(format!("tensor {gguf_name:?} is missing")))?;
-            let q = info
-                .read(&mut reader, self.content.tensor_data_offset, &Device::Cpu)
-                .map_err(|e| self.err(format!("tensor {gguf_name:?}: {e}")))?;
+        self.read_hf_tensors(|gguf_name, hf, q, _| {
             let mut t = q
                 .dequantize(&Device::Cpu)
                 .map_err(|e| self.err(format!("tensor {gguf_name:?}: cannot dequantise: {e}")))?;
-            if cfg.architecture == Architecture::Llama {
-                if hf.ends_with("self_attn.q_proj.weight") {
-                    t = unpermute_qk_rows(&t, cfg.num_attention_heads)?;
-                } else if hf.ends_with("self_attn.k_proj.weight") {
-                    t = unpermute_qk_rows(&t, cfg.num_kv_heads)?;
-                }
+            if let Some(n) = qk_heads(cfg, &hf) {
+                t = unpermute_qk_rows(&t, n)?;
             }
             let t = if device.is_cpu() {
                 t
@@ -332,7 +315,8 @@ impl GgufFile {
                 t.to_device(device)?
             };
             out.insert(hf, t);
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 }
@@ -347,9 +331,32 @@ impl GgufFile {
         cfg: &ModelConfig,
         device: &Device,
     ) -> Result<BTreeMap<String, QTensor>> {
+        let mut out = BTreeMap::new();
+        self.read_hf_tensors(|gguf_name, hf, q, dtype| {
+            let dims = q.shape().dims().to_vec();
+            let data = q.data()?;
+            let bytes = match qk_heads(cfg, &hf) {
+                Some(n) => unpermute_rows_bytes(&data, dims.first().copied().unwrap_or(0), n)
+                    .map_err(|m| self.err(format!("tensor {gguf_name:?}: {m}")))?,
+                None => data.into_owned(),
+            };
+            let q =
+                candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &bytes, dims, device)
+                    .map_err(|e| self.err(format!("tensor {gguf_name:?}: {e}")))?;
+            out.insert(hf, q);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+    /// Read, in file order, every tensor that has a Hugging Face name, as stored (quantised, on
+    /// the CPU): `each(gguf_name, hf_name, tensor, stored_dtype)`. Shared by the f32 and the
+    /// quantised loaders.
+    fn read_hf_tensors(
+        &self,
+        mut each: impl FnMut(&str, String, QTensor, GgmlDType) -> Result<()>,
+    ) -> Result<()> {
         let file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
         let mut reader = BufReader::new(file);
-        let mut out = BTreeMap::new();
         for gguf_name in self.tensor_names() {
             let Some(hf) = hf_name(gguf_name) else {
                 continue;
@@ -362,32 +369,20 @@ impl GgufFile {
             let q = info
                 .read(&mut reader, self.content.tensor_data_offset, &Device::Cpu)
                 .map_err(|e| self.err(format!("tensor {gguf_name:?}: {e}")))?;
-            let heads = match cfg.architecture {
-                Architecture::Llama if hf.ends_with("self_attn.q_proj.weight") => {
-                    Some(cfg.num_attention_heads)
-                }
-                Architecture::Llama if hf.ends_with("self_attn.k_proj.weight") => {
-                    Some(cfg.num_kv_heads)
-                }
-                _ => None,
-            };
-            let dims = q.shape().dims().to_vec();
-            let data = q.data()?;
-            let bytes = match heads {
-                Some(n) => unpermute_rows_bytes(&data, dims.first().copied().unwrap_or(0), n)
-                    .map_err(|m| self.err(format!("tensor {gguf_name:?}: {m}")))?,
-                None => data.into_owned(),
-            };
-            let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
-                info.ggml_dtype,
-                &bytes,
-                dims,
-                device,
-            )
-            .map_err(|e| self.err(format!("tensor {gguf_name:?}: {e}")))?;
-            out.insert(hf, q);
+            each(gguf_name, hf, q, info.ggml_dtype)?;
         }
-        Ok(out)
+        Ok(())
+    }
+}
+
+/// Heads whose rows GGUF permuted in this Hugging Face tensor (Llama q/k projections), if any.
+fn qk_heads(cfg: &ModelConfig, hf: &str) -> Option<usize> {
+    match cfg.architecture {
+        Architecture::Llama if hf.ends_with("self_attn.q_proj.weight") => {
+            Some(cfg.num_attention_heads)
+        }
+        Architecture::Llama if hf.ends_with("self_attn.k_proj.weight") => Some(cfg.num_kv_heads),
+        _ => None,
     }
 }
 
