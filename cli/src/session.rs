@@ -144,17 +144,23 @@ impl Session {
     }
 
     /// Token ids for a chat conversation, rendered by the model's chat template with the
-    /// generation prompt. A soft prompt's summary becomes the system message.
+    /// generation prompt. A soft prompt's summary becomes the system message; otherwise a prefix
+    /// stands in for the system message (rendered as self-study recorded the conversations).
     pub fn chat_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         let template = self.loaded.chat_template.as_ref().context(
             "this model has no chat template; use --raw to feed the prompt as plain text",
         )?;
-        let mut all = Vec::with_capacity(messages.len() + 1);
-        if let Some(s) = &self.summary {
-            all.push(ChatMessage::new("system", s.clone()));
-        }
-        all.extend_from_slice(messages);
-        let text = template.render(&all, true)?;
+        let text = match (&self.summary, &self.prefix) {
+            (Some(s), _) => {
+                let mut all = Vec::with_capacity(messages.len() + 1);
+                all.push(ChatMessage::new("system", s.clone()));
+                all.extend_from_slice(messages);
+                template.render(&all, true)?
+            }
+            // The prefix is the system message, as in training: no default system prompt.
+            (None, Some(_)) => template.render_after_system("system", messages, true)?,
+            (None, None) => template.render(messages, true)?,
+        };
         Ok(self.loaded.tokenizer.encode(&text, false)?)
     }
 

@@ -90,6 +90,34 @@ impl ChatTemplate {
         self.render_with(messages, add_generation_prompt, serde_json::Value::Null)
     }
 
+    /// The rendered text of `messages` *after* a system message `system`: what follows the
+    /// system turn when the template renders `[system, messages...]`.
+    ///
+    /// This is how a conversation is rendered when a prefix (a cartridge, or a soft prompt without
+    /// summary text) stands in for the system message: self-study records exactly these tokens
+    /// after the chunk's system message, so serving must render the same way — without it,
+    /// templates that insert a default system prompt (SmolLM2, Qwen) would put text in front of
+    /// the conversation that training never saw.
+    pub fn render_after_system(
+        &self,
+        system: &str,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let head = self.render(&[ChatMessage::new("system", system)], false)?;
+        let mut all = Vec::with_capacity(messages.len() + 1);
+        all.push(ChatMessage::new("system", system));
+        all.extend_from_slice(messages);
+        let text = self.render(&all, add_generation_prompt)?;
+        text.strip_prefix(&head).map(str::to_string).ok_or_else(|| {
+            Error::Template(
+                "the chat template does not render the system message as a prefix of the \
+                 conversation, so a cartridge cannot stand in for it"
+                    .into(),
+            )
+        })
+    }
+
     /// Render with extra context variables (e.g. `tools`, `documents`): `extra` must be a JSON
     /// object or null; its keys are added to the context (and override the defaults).
     pub fn render_with<M: Serialize + ?Sized>(
@@ -303,6 +331,30 @@ mod tests {
     use super::*;
 
     const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn renders_the_conversation_after_a_system_message() -> Result<()> {
+        let t = ChatTemplate::new(CHATML, None, None)?;
+        let msgs = [ChatMessage::new("user", "Hi")];
+        // No default system prompt: the prefix stands in for it.
+        assert_eq!(
+            t.render_after_system("anything", &msgs, true)?,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let with = t.render(
+            &[
+                ChatMessage::new("system", "S"),
+                ChatMessage::new("user", "Hi"),
+            ],
+            true,
+        )?;
+        let head = t.render(&[ChatMessage::new("system", "S")], false)?;
+        assert_eq!(
+            format!("{head}{}", t.render_after_system("S", &msgs, true)?),
+            with
+        );
+        Ok(())
+    }
 
     #[test]
     fn renders_chatml_with_default_system() -> Result<()> {
