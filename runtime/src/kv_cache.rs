@@ -164,6 +164,52 @@ impl KvCache {
         self.capacity = cap;
     }
 
+    /// Append the sequences of `other` (same model, same prefix) after this cache's, e.g. to let
+    /// requests prefilled on their own join a running decode batch. Both sides are re-aligned on
+    /// the longer one by adding left padding, which changes no result (see the module docs).
+    pub fn join(&mut self, other: &KvCache) -> Result<()> {
+        if other.batch() == 0 {
+            return Ok(());
+        }
+        if self.batch() == 0 {
+            *self = other.clone();
+            return Ok(());
+        }
+        if other.layers.len() != self.layers.len() {
+            return Err(Error::Msg(format!(
+                "join: caches have {} and {} layers",
+                self.layers.len(),
+                other.layers.len()
+            )));
+        }
+        let new_len = self.len.max(other.len);
+        // Each side's filled slots, shifted right to end at `new_len` (zeros in front are padding).
+        let aligned = |t: &Tensor, len: usize| -> Result<Tensor> {
+            let filled = t.narrow(2, 0, len)?;
+            if len == new_len {
+                return Ok(filled.contiguous()?);
+            }
+            let (b, h, _, d) = t.dims4()?;
+            let zeros = Tensor::zeros((b, h, new_len - len, d), t.dtype(), t.device())?;
+            Ok(Tensor::cat(&[&zeros, &filled.contiguous()?], 2)?)
+        };
+        for (mine, theirs) in self.layers.iter_mut().zip(&other.layers) {
+            let (Some((k1, v1)), Some((k2, v2))) = (mine.as_ref(), theirs.as_ref()) else {
+                return Err(Error::Msg("join: a cache has an empty layer".into()));
+            };
+            let k = Tensor::cat(&[&aligned(k1, self.len)?, &aligned(k2, other.len)?], 0)?;
+            let v = Tensor::cat(&[&aligned(v1, self.len)?, &aligned(v2, other.len)?], 0)?;
+            *mine = Some((k, v));
+        }
+        let (shift_mine, shift_theirs) = (new_len - self.len, new_len - other.len);
+        let mut pads: Vec<usize> = self.pads.iter().map(|p| p + shift_mine).collect();
+        pads.extend(other.pads.iter().map(|p| p + shift_theirs));
+        self.pads = pads;
+        self.len = new_len;
+        self.capacity = new_len;
+        Ok(())
+    }
+
     /// Keep only the sequences `keep` (indices into the current batch, in the new order), e.g. to
     /// drop finished sequences from a batched decode. Padding columns that no kept sequence needs
     /// are trimmed.

@@ -12,12 +12,14 @@ pub mod loader;
 pub mod model_fingerprint;
 pub mod tokenizer;
 
+pub mod batch_decoder;
 pub mod generate;
 pub mod kv_cache;
 pub mod ops;
 pub mod prefix;
 pub mod safetensors_dir;
 
+pub use batch_decoder::BatchDecoder;
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use models::{Logits, Transformer};
