@@ -266,6 +266,16 @@ pub enum CartError {
         /// The model's fingerprint, short form.
         model: String,
     },
+    /// Parts of a composition that cannot be concatenated (SPEC.md §6).
+    #[error("cannot compose {other} with {first}: {reason}")]
+    CompositionMismatch {
+        /// The part the others are checked against.
+        first: String,
+        /// The part that does not fit.
+        other: String,
+        /// Why.
+        reason: String,
+    },
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {

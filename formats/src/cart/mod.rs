@@ -3,14 +3,17 @@
 //! - [`header`]: the JSON header types and their structural rules;
 //! - [`parse`]: the pure parser over bytes and typed tensor views;
 //! - [`write`]: deterministic encoding;
-//! - [`file`]: the memory-mapped file wrapper.
+//! - [`file`]: the memory-mapped file wrapper;
+//! - [`compose`]: offline composition (concatenation along the token axis).
 
+pub mod compose;
 pub mod error;
 pub mod file;
 pub mod header;
 pub mod parse;
 pub mod write;
 
+pub use compose::{compose, ComposePart, Composed};
 pub use error::{CartError, Result};
 pub use file::{check_model, CartFile};
 pub use header::{
