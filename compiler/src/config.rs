@@ -47,6 +47,10 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Conversations per forward/backward (gradient accumulation when below `batch_size`).
     pub micro_batch: usize,
+    /// Pack each micro-batch's conversations into rows of at most this many tokens, each with its
+    /// own positions and a block-diagonal mask (0: one conversation per right-padded row). The
+    /// loss is the same either way; packing skips the compute padding costs.
+    pub pack_len: usize,
     /// Passes over the training conversations (when `max_steps` is not set).
     pub epochs: usize,
     /// Optimiser steps, overriding `epochs`.
@@ -76,6 +80,7 @@ impl Default for TrainConfig {
             schedule: Schedule::Constant,
             batch_size: 4,
             micro_batch: 4,
+            pack_len: 1024,
             epochs: 1,
             max_steps: None,
             max_seq_len: 1024,

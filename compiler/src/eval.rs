@@ -9,7 +9,8 @@ use crate::data::Example;
 use crate::error::Result;
 use crate::objective::{loss_sum, Batch, Objective};
 
-/// Mean per-target loss of `examples` after `prefix`, in micro-batches of `micro_batch`.
+/// Mean per-target loss of `examples` after `prefix`, in micro-batches of `micro_batch` (packed
+/// into rows of `pack_len` tokens when non-zero).
 /// Runs the inference path (fused kernels, no graph).
 pub fn mean_loss(
     model: &Transformer,
@@ -17,11 +18,12 @@ pub fn mean_loss(
     examples: &[&Example],
     objective: Objective,
     micro_batch: usize,
+    pack_len: usize,
 ) -> Result<f64> {
     let mut sum = 0f64;
     let mut targets = 0usize;
     for chunk in examples.chunks(micro_batch.max(1)) {
-        let batch = Batch::new(chunk, objective, model.device())?;
+        let batch = Batch::arrange(chunk, pack_len, objective, model.device())?;
         let l = loss_sum(model, prefix, &batch, Path::Infer)?;
         sum += f64::from(l.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?);
         targets += batch.targets;

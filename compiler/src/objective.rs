@@ -34,12 +34,18 @@ pub enum Objective {
     Tokens,
 }
 
-/// A right-padded batch ready for the forward. Right padding needs no mask: with causal attention
-/// a real token never sees the pad tokens after it, and pad rows are never targets.
+/// A batch ready for the forward: examples right-padded one per row, or packed several per row.
+///
+/// Right padding needs no mask: with causal attention a real token never sees the pad tokens after
+/// it, and pad rows are never targets. Packed rows carry their segment lengths, which the forward
+/// turns into per-sequence positions and a block-diagonal mask
+/// ([`Transformer::forward_packed`]); both layouts give the same loss.
 #[derive(Debug, Clone)]
 pub struct Batch {
     /// `[b, t]` token ids.
     pub tokens: Tensor,
+    /// Lengths of the sequences packed in each row (`None`: one example per row, right-padded).
+    pub segments: Option<Vec<Vec<usize>>>,
     /// `[m]` flat row indices into `b * t` of the target rows.
     pub rows: Tensor,
     /// `[m, k]` ids whose log-probabilities are weighted.
@@ -52,13 +58,72 @@ pub struct Batch {
     pub targets: usize,
     /// Number of real (unpadded) tokens.
     pub real_tokens: usize,
+    /// Token slots computed (`b * t`, padding included).
+    pub slots: usize,
+}
+
+/// First-fit packing in the given order: each example goes into the first row with room for it
+/// within `pack_len` tokens (an example longer than that gets a row of its own). Returns, per row,
+/// the example indices in order.
+pub fn pack_rows(lengths: &[usize], pack_len: usize) -> Vec<Vec<usize>> {
+    let mut rows: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (i, &len) in lengths.iter().enumerate() {
+        match rows.iter_mut().find(|(used, _)| used + len <= pack_len) {
+            Some((used, members)) => {
+                *used += len;
+                members.push(i);
+            }
+            None => rows.push((len, vec![i])),
+        }
+    }
+    rows.into_iter().map(|(_, members)| members).collect()
 }
 
 impl Batch {
-    /// Build a batch from examples for `objective` on `device`.
+    /// One example per row, right-padded, for `objective` on `device`.
     pub fn new(examples: &[&Example], objective: Objective, device: &Device) -> Result<Batch> {
-        let b = examples.len();
-        let t = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
+        let rows: Vec<Vec<usize>> = (0..examples.len()).map(|i| vec![i]).collect();
+        Self::build(examples, &rows, false, objective, device)
+    }
+
+    /// Examples packed into rows of at most `pack_len` tokens ([`pack_rows`]).
+    pub fn packed(
+        examples: &[&Example],
+        pack_len: usize,
+        objective: Objective,
+        device: &Device,
+    ) -> Result<Batch> {
+        let lengths: Vec<usize> = examples.iter().map(|e| e.tokens.len()).collect();
+        let rows = pack_rows(&lengths, pack_len);
+        Self::build(examples, &rows, true, objective, device)
+    }
+
+    /// [`Self::packed`] when `pack_len > 0`, else [`Self::new`] (the trainer's setting).
+    pub fn arrange(
+        examples: &[&Example],
+        pack_len: usize,
+        objective: Objective,
+        device: &Device,
+    ) -> Result<Batch> {
+        if pack_len == 0 {
+            Self::new(examples, objective, device)
+        } else {
+            Self::packed(examples, pack_len, objective, device)
+        }
+    }
+
+    fn build(
+        examples: &[&Example],
+        layout: &[Vec<usize>],
+        packed: bool,
+        objective: Objective,
+        device: &Device,
+    ) -> Result<Batch> {
+        let b = layout.len();
+        let row_len = |members: &Vec<usize>| -> usize {
+            members.iter().map(|&i| examples[i].tokens.len()).sum()
+        };
+        let t = layout.iter().map(row_len).max().unwrap_or(0);
         if b == 0 || t == 0 {
             return Err(Error::Data("an empty batch".into()));
         }
@@ -68,36 +133,45 @@ impl Batch {
         };
         let mut tokens = vec![0u32; b * t];
         let (mut rows, mut ids, mut w, mut wsum) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut segments = Vec::with_capacity(b);
         let mut real = 0;
-        for (bi, e) in examples.iter().enumerate() {
-            tokens[bi * t..bi * t + e.tokens.len()].copy_from_slice(&e.tokens);
-            real += e.tokens.len();
-            for (r, &row) in e.rows.iter().enumerate() {
-                rows.push((bi * t) as u32 + row);
-                match objective {
-                    Objective::Tokens => {
-                        ids.push(e.next[r]);
-                        w.push(1f32);
-                        wsum.push(1f32);
-                    }
-                    Objective::Distill => {
-                        let mut s = 0f32;
-                        for j in 0..k {
-                            // Rows narrower than the batch's widest are padded with weight 0.
-                            let (id, p) = if j < e.k {
-                                let lp = e.topk_logprobs[r * e.k + j];
-                                (e.topk_ids[r * e.k + j], lp.exp())
-                            } else {
-                                (0, 0.0)
-                            };
-                            ids.push(id);
-                            w.push(p);
-                            s += p;
+        for (bi, members) in layout.iter().enumerate() {
+            let mut start = bi * t;
+            let mut lens = Vec::with_capacity(members.len());
+            for &ei in members {
+                let e = examples[ei];
+                tokens[start..start + e.tokens.len()].copy_from_slice(&e.tokens);
+                real += e.tokens.len();
+                lens.push(e.tokens.len());
+                for (r, &row) in e.rows.iter().enumerate() {
+                    rows.push(start as u32 + row);
+                    match objective {
+                        Objective::Tokens => {
+                            ids.push(e.next[r]);
+                            w.push(1f32);
+                            wsum.push(1f32);
                         }
-                        wsum.push(s);
+                        Objective::Distill => {
+                            let mut s = 0f32;
+                            for j in 0..k {
+                                // Rows narrower than the batch's widest are padded with weight 0.
+                                let (id, p) = if j < e.k {
+                                    let lp = e.topk_logprobs[r * e.k + j];
+                                    (e.topk_ids[r * e.k + j], lp.exp())
+                                } else {
+                                    (0, 0.0)
+                                };
+                                ids.push(id);
+                                w.push(p);
+                                s += p;
+                            }
+                            wsum.push(s);
+                        }
                     }
                 }
+                start += e.tokens.len();
             }
+            segments.push(lens);
         }
         let m = rows.len();
         if m == 0 {
@@ -105,12 +179,14 @@ impl Batch {
         }
         Ok(Batch {
             tokens: Tensor::from_vec(tokens, (b, t), device)?,
+            segments: packed.then_some(segments),
             rows: Tensor::from_vec(rows, m, device)?,
             ids: Tensor::from_vec(ids, (m, k), device)?,
             weights: Tensor::from_vec(w, (m, k), device)?,
             weight_sums: Tensor::from_vec(wsum, m, device)?,
             targets: m,
             real_tokens: real,
+            slots: b * t,
         })
     }
 }
@@ -122,7 +198,12 @@ pub fn loss_sum(
     batch: &Batch,
     path: Path,
 ) -> Result<Tensor> {
-    let hidden = model.forward(prefix, None, &batch.tokens, Logits::Hidden, path)?;
+    let hidden = match &batch.segments {
+        Some(segments) => {
+            model.forward_packed(prefix, &batch.tokens, segments, Logits::Hidden, path)?
+        }
+        None => model.forward(prefix, None, &batch.tokens, Logits::Hidden, path)?,
+    };
     let (b, t, h) = hidden.dims3()?;
     let rows = hidden.reshape((b * t, h))?.index_select(&batch.rows, 0)?;
     target_loss_sum(model, &rows, batch)
@@ -205,5 +286,21 @@ mod tests {
             vec![vec![5], vec![7], vec![1]]
         );
         assert_eq!(batch.real_tokens, 8);
+    }
+
+    #[test]
+    fn packing_is_first_fit_and_keeps_flat_rows() {
+        assert_eq!(
+            pack_rows(&[5, 3, 4, 2, 9], 8),
+            vec![vec![0, 1], vec![2, 3], vec![4]]
+        );
+        let a = ex(vec![3, 4, 5], vec![1], 2);
+        let b = ex(vec![6, 7, 8, 9, 1], vec![0, 3], 1);
+        let batch = Batch::packed(&[&a, &b], 8, Objective::Distill, &Device::Cpu).unwrap();
+        assert_eq!(batch.tokens.dims(), &[1, 8]);
+        assert_eq!(batch.segments, Some(vec![vec![3, 5]]));
+        // b's rows 0 and 3 sit after a's three tokens.
+        assert_eq!(batch.rows.to_vec1::<u32>().unwrap(), vec![1, 3, 6]);
+        assert_eq!((batch.real_tokens, batch.slots), (8, 8));
     }
 }

@@ -347,7 +347,14 @@ pub fn train(
         (f64::NAN, f64::NAN)
     } else {
         (
-            eval::mean_loss(net, None, &eval_ex, objective, cfg.micro_batch)?,
+            eval::mean_loss(
+                net,
+                None,
+                &eval_ex,
+                objective,
+                cfg.micro_batch,
+                cfg.pack_len,
+            )?,
             eval::teacher_floor(&eval_ex),
         )
     };
@@ -356,7 +363,14 @@ pub fn train(
             return Ok(None);
         }
         let prefix = eval_prefix(params, net)?;
-        let loss = eval::mean_loss(net, prefix.as_ref(), &eval_ex, objective, cfg.micro_batch)?;
+        let loss = eval::mean_loss(
+            net,
+            prefix.as_ref(),
+            &eval_ex,
+            objective,
+            cfg.micro_batch,
+            cfg.pack_len,
+        )?;
         Ok(Some(EvalPoint {
             step,
             loss,
@@ -408,7 +422,7 @@ pub fn train(
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let (mut loss, mut tokens) = (0f64, 0usize);
         for chunk in batch_ex.chunks(cfg.micro_batch) {
-            let batch = Batch::new(chunk, objective, net.device())?;
+            let batch = Batch::arrange(chunk, cfg.pack_len, objective, net.device())?;
             let prefix = params.stack()?.resolve(net, Path::Train)?;
             let l = loss_sum(net, prefix.as_ref(), &batch, Path::Train)?
                 .affine(1.0 / targets as f64, 0.0)?;

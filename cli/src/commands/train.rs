@@ -55,6 +55,10 @@ pub struct TrainArgs {
     /// Conversations per forward/backward (gradient accumulation below --batch-size).
     #[arg(long, default_value_t = TrainConfig::default().micro_batch)]
     pub micro_batch: usize,
+    /// Pack conversations into rows of at most N tokens, each with its own positions and a
+    /// block-diagonal mask (0: one right-padded row per conversation). Same loss, less padding.
+    #[arg(long, default_value_t = TrainConfig::default().pack_len)]
+    pub pack_len: usize,
     /// Tokens kept per conversation.
     #[arg(long, default_value_t = TrainConfig::default().max_seq_len)]
     pub max_seq_len: usize,
@@ -110,6 +114,7 @@ impl TrainArgs {
             },
             batch_size: self.batch_size,
             micro_batch: self.micro_batch,
+            pack_len: self.pack_len,
             epochs: self.epochs,
             max_steps: self.max_steps,
             max_seq_len: self.max_seq_len,

@@ -402,6 +402,43 @@ impl Transformer {
         self.forward_chunked(prefix, cache, embeds.clone(), logits, path)
     }
 
+    /// Forward several sequences packed into each row of `tokens: [b, t]` (no cache).
+    ///
+    /// `segments[r]` lists the lengths of the sequences packed, in order, at the start of row `r`
+    /// (their sum may be below `t`: the rest is padding). Every sequence starts at position
+    /// `prefix.len()` and sees the whole prefix and, causally, only its own tokens (a
+    /// block-diagonal mask), so the result for each sequence equals running it alone — without
+    /// the compute a right-padded batch spends on padding.
+    pub fn forward_packed(
+        &self,
+        prefix: Option<&PrefixKv>,
+        tokens: &Tensor,
+        segments: &[Vec<usize>],
+        logits: Logits,
+        path: Path,
+    ) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        if segments.len() != b {
+            return Err(Error::Msg(format!(
+                "{} segment lists for a batch of {b} rows",
+                segments.len()
+            )));
+        }
+        if let Some((r, _)) = segments
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.iter().sum::<usize>() > t || s.contains(&0))
+        {
+            return Err(Error::Msg(format!(
+                "row {r}: packed segments must be non-empty and fit in {t} tokens"
+            )));
+        }
+        let x = self.embed(tokens)?;
+        self.run_layout(prefix, None, x, logits, path, false, Some(segments))?
+            .0
+            .ok_or_else(|| Error::Msg("forward asked for no logits".into()))
+    }
+
     /// Per-layer post-RoPE K/V of `tokens` placed after `prefix` (positions `prefix.len()..`),
     /// computed on the inference path. This is how a cartridge is initialised from corpus tokens;
     /// the result covers only `tokens` (compose with `prefix` via [`PrefixKv::concat`]).
@@ -438,11 +475,26 @@ impl Transformer {
     fn run(
         &self,
         prefix: Option<&PrefixKv>,
+        cache: Option<&mut KvCache>,
+        x: Tensor,
+        logits: Logits,
+        path: Path,
+        collect_kv: bool,
+    ) -> Result<(Option<Tensor>, Vec<(Tensor, Tensor)>)> {
+        self.run_layout(prefix, cache, x, logits, path, collect_kv, None)
+    }
+
+    /// [`Self::run`] with optional packed rows (see [`Self::forward_packed`]; no cache then).
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    fn run_layout(
+        &self,
+        prefix: Option<&PrefixKv>,
         mut cache: Option<&mut KvCache>,
         x: Tensor,
         logits: Logits,
         path: Path,
         collect_kv: bool,
+        packed: Option<&[Vec<usize>]>,
     ) -> Result<(Option<Tensor>, Vec<(Tensor, Tensor)>)> {
         let cfg = &self.cfg;
         let (b, t, hidden) = x.dims3()?;
@@ -475,7 +527,23 @@ impl Transformer {
 
         // RoPE angles of the new slots: one shared table slice when nothing is padded, else per
         // sequence (slot s of sequence b is at position P + s - pads[b]).
-        let (cos, sin) = if pads.iter().all(|&p| p == 0) {
+        let (cos, sin) = if let Some(segments) = packed {
+            if cache.is_some() {
+                return Err(Error::Msg("packed rows cannot use a KV cache".into()));
+            }
+            let positions: Vec<Vec<u32>> = segments
+                .iter()
+                .map(|segs| {
+                    let mut row: Vec<u32> = segs
+                        .iter()
+                        .flat_map(|&len| (0..len).map(|i| (p_len + i) as u32))
+                        .collect();
+                    row.resize(t, p_len as u32);
+                    row
+                })
+                .collect();
+            self.rope.gather(&positions)?
+        } else if pads.iter().all(|&p| p == 0) {
             self.rope.range(p_len + past, t)?
         } else {
             let positions: Vec<Vec<u32>> = pads
@@ -488,7 +556,10 @@ impl Transformer {
                 .collect();
             self.rope.gather(&positions)?
         };
-        let mask = self.mask(&pads, past, t)?;
+        let mask = match packed {
+            Some(segments) => Some(self.packed_mask(segments, t)?),
+            None => self.mask(&pads, past, t)?,
+        };
 
         let mut x = x;
         let mut kvs = Vec::new();
@@ -566,6 +637,28 @@ impl Transformer {
         }
         let m = Tensor::from_vec(m, (b, 1, 1, t, total), &self.device)?.to_dtype(self.dtype)?;
         Ok(Some(m))
+    }
+
+    /// Additive block-diagonal causal mask `[b, 1, 1, t, t]` of packed rows: a token sees the
+    /// earlier tokens of its own segment; padding sees only itself (its output is never read).
+    fn packed_mask(&self, segments: &[Vec<usize>], t: usize) -> Result<Tensor> {
+        let b = segments.len();
+        let mut m = vec![f32::NEG_INFINITY; b * t * t];
+        for (bi, segs) in segments.iter().enumerate() {
+            let row = &mut m[bi * t * t..(bi + 1) * t * t];
+            let mut start = 0;
+            for &len in segs {
+                for i in start..start + len {
+                    row[i * t + start..=i * t + i].fill(0.0);
+                }
+                start += len;
+            }
+            for i in start..t {
+                row[i * t + i] = 0.0;
+            }
+        }
+        let m = Tensor::from_vec(m, (b, 1, 1, t, t), &self.device)?.to_dtype(self.dtype)?;
+        Ok(m)
     }
 
     #[allow(clippy::too_many_arguments)]
