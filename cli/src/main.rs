@@ -1,6 +1,7 @@
 //! `cartridge`: build, inspect and use cartridges (trained KV caches that stand in for a corpus).
 
 mod commands;
+mod config_file;
 mod output;
 mod progress;
 mod session;
@@ -11,7 +12,8 @@ use clap::{Parser, Subcommand};
 
 /// Turn a corpus into a cartridge, and use it.
 #[derive(Debug, Parser)]
-#[command(name = "cartridge", version, about, long_about = None)]
+// Flags may repeat and the last one wins: that is how the command line overrides `--config`.
+#[command(name = "cartridge", version, about, long_about = None, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -39,7 +41,14 @@ pub const EXIT_BAD_INPUT: u8 = 2;
 fn main() -> ExitCode {
     // Before any thread starts: candle otherwise re-reads /proc/cpuinfo on every op.
     cartridge_runtime::ops::pin_thread_count();
-    let cli = Cli::parse();
+    let argv = match config_file::expand::<Cli>(std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     let result = match cli.command {
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Generate(args) => commands::generate::run(args),

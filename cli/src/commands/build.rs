@@ -36,6 +36,8 @@ pub struct Args {
     synth: SynthArgs,
     #[command(flatten)]
     train: TrainArgs,
+    #[command(flatten)]
+    config: crate::config_file::ConfigArg,
     /// Progress as JSON lines on stderr and a summary object on stdout.
     #[arg(long)]
     json: bool,

@@ -151,6 +151,8 @@ pub struct Args {
     corpus_args: CorpusArgs,
     #[command(flatten)]
     synth: SynthArgs,
+    #[command(flatten)]
+    config: crate::config_file::ConfigArg,
     /// Progress as JSON lines on stderr and the summary as one JSON object on stdout.
     #[arg(long)]
     json: bool,

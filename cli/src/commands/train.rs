@@ -151,6 +151,8 @@ pub struct Args {
     model: ModelArgs,
     #[command(flatten)]
     train: TrainArgs,
+    #[command(flatten)]
+    config: crate::config_file::ConfigArg,
     /// Progress as JSON lines on stderr and the summary as one JSON object on stdout.
     #[arg(long)]
     json: bool,
