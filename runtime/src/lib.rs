@@ -8,6 +8,7 @@ pub mod cartridge_file;
 pub mod chat_template;
 pub mod error;
 pub mod gguf;
+pub mod interchange;
 pub mod loader;
 pub mod model_fingerprint;
 pub mod tokenizer;

@@ -5,11 +5,13 @@
 //! trained at), so no model is needed and a hosting plugin can compose with this crate alone.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::error::{CartError, Result};
+use super::file::CartFile;
 use super::header::{DType, Dims, Header, KvDims, Provenance, SoftPromptDims};
 use super::parse::{tensor_bytes, TensorView};
 use super::write::CartContents;
@@ -144,6 +146,38 @@ pub fn compose(parts: &[ComposePart<'_>], created: &str) -> Result<Composed> {
         provenance: provenance(parts, &dims, created),
         tensors,
     })
+}
+
+/// Open and verify every file, then [`compose`] them; parts are labelled with their file names.
+/// Errors name the file at fault.
+pub fn compose_files(paths: &[&Path], created: &str) -> Result<Composed> {
+    let files = paths
+        .iter()
+        .map(|path| {
+            let file = CartFile::open(path)?;
+            file.verify()?;
+            Ok(file)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let labels: Vec<String> = paths
+        .iter()
+        .map(|p| {
+            p.file_name().map_or_else(
+                || p.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        })
+        .collect();
+    let parts: Vec<ComposePart<'_>> = files
+        .iter()
+        .zip(&labels)
+        .map(|(file, label)| ComposePart {
+            label,
+            header: file.header(),
+            raw: file.raw_payload(),
+        })
+        .collect();
+    compose(&parts, created)
 }
 
 /// Tensor `index` of every part, joined along the token axis, as `dtype` bytes.

@@ -13,7 +13,7 @@ pub mod header;
 pub mod parse;
 pub mod write;
 
-pub use compose::{compose, ComposePart, Composed};
+pub use compose::{compose, compose_files, ComposePart, Composed};
 pub use error::{CartError, Result};
 pub use file::{check_model, CartFile};
 pub use header::{
