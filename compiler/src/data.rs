@@ -91,6 +91,31 @@ impl Example {
     }
 }
 
+/// Text that sits between a soft prompt and every conversation: a corpus summary the model wrote
+/// itself (the SoftPromptComp recipe). The soft prompt is trained with it in place and serves with
+/// it in place, as the system message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptSummary {
+    /// The summary text (stored in the `.cart`).
+    pub text: String,
+    /// Its token ids as the runtime places them: the chat template's system turn holding `text`.
+    pub ids: Vec<u32>,
+}
+
+impl Example {
+    /// This example with `ids` in front (not targets): row indices shift by their length.
+    pub fn after(&self, ids: &[u32]) -> Example {
+        let shift = ids.len() as u32;
+        let mut tokens = ids.to_vec();
+        tokens.extend_from_slice(&self.tokens);
+        Example {
+            tokens,
+            rows: self.rows.iter().map(|r| r + shift).collect(),
+            ..self.clone()
+        }
+    }
+}
+
 /// Examples of all records (in dataset order), dropping those without targets.
 pub fn prepare(records: &[Record], max_len: usize, vocab: usize) -> Result<Vec<Example>> {
     let mut out = Vec::with_capacity(records.len());

@@ -42,6 +42,7 @@ pub mod schedule;
 mod train;
 
 pub use config::{ArtifactKind, RunOptions, TrainConfig};
+pub use data::PromptSummary;
 pub use error::{Error, Result};
 pub use eval::EvalPoint;
 pub use init::InitKind;

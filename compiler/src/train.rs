@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{self, CheckpointState};
 use crate::config::{ArtifactKind, RunOptions, TrainConfig};
-use crate::data::{self, Example};
+use crate::data::{self, Example, PromptSummary};
 use crate::error::{Error, Result};
 use crate::eval::{self, EvalPoint};
 use crate::init::{init_kv, init_soft_prompt};
@@ -40,6 +40,8 @@ pub struct TrainData {
     pub corpus_digest: Option<String>,
     /// The teacher that produced the top-k (its tokenizer must be the student's).
     pub teacher: Option<ModelFingerprint>,
+    /// A summary placed after a soft prompt, before every conversation (soft prompts only).
+    pub summary: Option<PromptSummary>,
 }
 
 impl TrainData {
@@ -50,6 +52,7 @@ impl TrainData {
             records: ds.records()?,
             corpus_digest: Some(m.corpus_digest.clone()).filter(|d| !d.is_empty()),
             teacher: Some(m.teacher.clone()),
+            summary: None,
         })
     }
 }
@@ -246,6 +249,21 @@ pub fn train(
             examples.len()
         )));
     }
+    // With a summary the student sees it before every conversation; the bare model (the
+    // baseline of the gap) sees the conversations alone.
+    let bare_examples = examples;
+    let examples: Vec<Example> = match &data.summary {
+        Some(_) if cfg.artifact != ArtifactKind::SoftPrompt => {
+            return Err(Error::Config(
+                "a summary goes with a soft prompt, not a KV cartridge".into(),
+            ))
+        }
+        Some(s) if s.ids.is_empty() => {
+            return Err(Error::Config("the summary has no tokens".into()))
+        }
+        Some(s) => bare_examples.iter().map(|e| e.after(&s.ids)).collect(),
+        None => bare_examples.clone(),
+    };
     // Training positions run from the prefix length to prefix + longest sequence; past the
     // model's RoPE table the runtime could not serve the cartridge either.
     let longest = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
@@ -261,6 +279,7 @@ pub fn train(
     let (train_idx, eval_idx) = data::split(examples.len(), cfg.eval_conversations, cfg.seed);
     let train_ex: Vec<&Example> = train_idx.iter().map(|&i| &examples[i]).collect();
     let eval_ex: Vec<&Example> = eval_idx.iter().map(|&i| &examples[i]).collect();
+    let bare_eval_ex: Vec<&Example> = eval_idx.iter().map(|&i| &bare_examples[i]).collect();
     let total_steps = cfg
         .max_steps
         .unwrap_or_else(|| (cfg.epochs * train_ex.len()).div_ceil(cfg.batch_size));
@@ -350,7 +369,7 @@ pub fn train(
             eval::mean_loss(
                 net,
                 None,
-                &eval_ex,
+                &bare_eval_ex,
                 objective,
                 cfg.micro_batch,
                 cfg.pack_len,
@@ -535,7 +554,7 @@ pub fn train(
             out,
             &SoftPrompt {
                 embeddings: s.embeddings().clone(),
-                summary: None,
+                summary: data.summary.as_ref().map(|s| s.text.clone()),
             },
             model.fingerprint,
             provenance,
@@ -556,18 +575,23 @@ pub fn train(
 }
 
 /// [`train`] for a loaded model and a dataset folder (what `cartridge train` and `cartridge build`
-/// call): the forward is built from `loaded`'s weights (shared, not copied).
+/// call): the forward is built from `loaded`'s weights (shared, not copied). `summary` goes with a
+/// soft prompt (see [`PromptSummary`]).
 pub fn train_dataset(
     cfg: &TrainConfig,
     loaded: &cartridge_runtime::loader::LoadedModel,
     dataset: &Dataset,
+    summary: Option<PromptSummary>,
     corpus_ids: Option<&[u32]>,
     out: &FsPath,
     opts: &RunOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<TrainSummary> {
     let net = loaded.transformer()?;
-    let data = TrainData::from_dataset(dataset)?;
+    let data = TrainData {
+        summary,
+        ..TrainData::from_dataset(dataset)?
+    };
     let model = ModelRef {
         transformer: &net,
         fingerprint: &loaded.fingerprint,

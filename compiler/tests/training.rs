@@ -360,3 +360,80 @@ fn micro_batches_accumulate_to_the_full_batch() {
         .fold(0f32, f32::max);
     assert!(max < 1e-3, "cartridges differ by {max}");
 }
+
+/// A soft prompt trained with a summary in front of every conversation: the summary changes what
+/// the student sees (not the bare baseline), goes into the `.cart`, and is refused for KV
+/// cartridges.
+#[test]
+fn soft_prompt_with_summary_trains_and_carries_it() {
+    use cartridge_compiler::PromptSummary;
+    let dir = tempfile::tempdir().unwrap();
+    let (model, fp) = tiny_model(11, "model-a");
+    let mut data = toy_data(&model, 16, 8);
+    let c = TrainConfig {
+        artifact: ArtifactKind::SoftPrompt,
+        tokens: 4,
+        lr: 5e-2,
+        max_steps: Some(10),
+        eval_every: 0,
+        ..cfg()
+    };
+    let model_ref = cartridge_compiler::ModelRef {
+        transformer: &model,
+        fingerprint: &fp,
+    };
+    let plain_out = dir.path().join("plain.cart");
+    let plain = train(
+        &c,
+        model_ref,
+        &data,
+        Some(&corpus()),
+        &plain_out,
+        &opts(),
+        &mut |_| {},
+    )
+    .expect("trains");
+    data.summary = Some(PromptSummary {
+        text: "A short summary.".into(),
+        ids: corpus()[..6].to_vec(),
+    });
+    let out = dir.path().join("summary.cart");
+    let with = train(
+        &c,
+        model_ref,
+        &data,
+        Some(&corpus()),
+        &out,
+        &opts(),
+        &mut |_| {},
+    )
+    .expect("trains");
+    let (p0, w0) = (plain.first_eval.unwrap(), with.first_eval.unwrap());
+    assert_eq!(
+        p0.bare_loss, w0.bare_loss,
+        "the bare baseline has no summary"
+    );
+    assert!(
+        (p0.loss - w0.loss).abs() > 1e-6,
+        "the summary changes the student's input"
+    );
+    let (w0, w1) = (w0, with.final_eval.unwrap());
+    assert!(w1.loss < w0.loss, "{} -> {}", w0.loss, w1.loss);
+    let sp = load_soft_prompt(&out, &fp, &Device::Cpu).expect("loads");
+    assert_eq!(sp.summary.as_deref(), Some("A short summary."));
+    let kv = TrainConfig {
+        artifact: ArtifactKind::Kv,
+        ..c
+    };
+    let err = train(
+        &kv,
+        model_ref,
+        &data,
+        Some(&corpus()),
+        &dir.path().join("kv.cart"),
+        &opts(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("soft prompt"), "{err}");
+}

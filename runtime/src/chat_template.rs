@@ -33,6 +33,7 @@ impl ChatMessage {
 const TEMPLATE_NAME: &str = "chat";
 
 /// A compiled chat template with the special tokens it is rendered with.
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
     source: String,

@@ -9,7 +9,8 @@
 //! - [`seeds`]: the five seed-prompt kinds;
 //! - [`backend`]: the teacher interface; [`local`]: the in-process runtime teacher;
 //! - [`prompt`]: system message and conversation token ids;
-//! - [`synth`]: the synthesis loop, [`synthesize`].
+//! - [`synth`]: the synthesis loop, [`synthesize`];
+//! - [`summary`]: the corpus summary a soft prompt can carry.
 //!
 //! ```no_run
 //! use cartridge_selfstudy::{corpus, local::LocalBackend, synthesize, SynthesisConfig};
@@ -33,6 +34,7 @@ pub mod error;
 pub mod local;
 pub mod prompt;
 pub mod seeds;
+pub mod summary;
 pub mod synth;
 
 pub use backend::{Backend, BackendInfo, Completion, CompletionOutput, Timings};

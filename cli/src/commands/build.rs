@@ -93,6 +93,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         resume_data,
         args.json,
     )?;
+    let prompt_summary = args
+        .train
+        .corpus_summary(&mut backend, &corpus, args.json)?;
     drop(backend);
 
     if !args.json {
@@ -115,6 +118,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         &args.train,
         &loaded,
         &data,
+        prompt_summary,
         corpus_ids.as_deref(),
         &out,
         args.resume,

@@ -6,13 +6,16 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use cartridge_compiler::{
-    ArtifactKind, InitKind, Objective, Progress as TrainProgress, RunOptions, Schedule,
-    TrainConfig, TrainSummary,
+    ArtifactKind, InitKind, Objective, Progress as TrainProgress, PromptSummary, RunOptions,
+    Schedule, TrainConfig, TrainSummary,
 };
 use cartridge_formats::cart::Compression;
 use cartridge_formats::dataset::{Dataset, ReadOptions};
 use cartridge_runtime::loader::LoadedModel;
-use cartridge_selfstudy::corpus::{self, IngestOptions};
+use cartridge_selfstudy::corpus::{self, Corpus, IngestOptions};
+use cartridge_selfstudy::local::LocalBackend;
+use cartridge_selfstudy::summary::write_summary;
+use cartridge_selfstudy::Backend;
 use serde_json::json;
 
 use crate::progress::Progress;
@@ -27,6 +30,14 @@ pub struct TrainArgs {
     /// Train a soft prompt of N embeddings instead of a KV cartridge.
     #[arg(long, value_name = "N")]
     pub soft_prompt: Option<usize>,
+    /// With --soft-prompt: the model first writes a summary of the corpus, which sits between the
+    /// soft prompt and every conversation in training and serving (the SoftPromptComp recipe);
+    /// both go into the .cart. Needs the corpus.
+    #[arg(long, requires = "soft_prompt")]
+    pub summary: bool,
+    /// Longest summary, in tokens.
+    #[arg(long, default_value_t = 128)]
+    pub summary_tokens: usize,
     /// Leading cartridge slots kept frozen (the attention sink).
     #[arg(long, default_value_t = TrainConfig::default().frozen_tokens)]
     pub frozen_tokens: usize,
@@ -126,9 +137,35 @@ impl TrainArgs {
         })
     }
 
-    /// Whether the initialisation reads the corpus text.
+    /// Whether the initialisation or the summary reads the corpus text.
     pub fn needs_corpus(&self) -> bool {
-        matches!(self.init.as_str(), "corpus" | "sampled-chunks")
+        self.summary || matches!(self.init.as_str(), "corpus" | "sampled-chunks")
+    }
+
+    /// With `--summary`: the model's summary of `corpus`, written by `backend` (the teacher).
+    pub fn corpus_summary(
+        &self,
+        backend: &mut dyn Backend,
+        corpus: &Corpus,
+        json: bool,
+    ) -> Result<Option<PromptSummary>> {
+        if !self.summary {
+            return Ok(None);
+        }
+        let s = write_summary(backend, corpus, None, self.summary_tokens)
+            .context("writing the corpus summary")?;
+        if json {
+            eprintln!(
+                "{}",
+                json!({"event": "summary", "text": s.text, "tokens": s.ids.len()})
+            );
+        } else {
+            eprintln!("summary ({} tokens): {}", s.ids.len(), s.text);
+        }
+        Ok(Some(PromptSummary {
+            text: s.text,
+            ids: s.ids,
+        }))
     }
 }
 
@@ -164,15 +201,35 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let corpus_ids = match (&args.corpus, args.train.needs_corpus()) {
         (Some(path), _) => Some(corpus_token_ids(&loaded, path, &IngestOptions::default())?),
         (None, true) => bail!(
-            "--init {} needs the corpus text: pass --corpus PATH (or --init random-text)",
+            "--init {} and --summary need the corpus text: pass --corpus PATH (or --init \
+             random-text without --summary)",
             args.train.init
         ),
         (None, false) => None,
+    };
+    let prompt_summary = match (&args.corpus, args.train.summary) {
+        (Some(path), true) => {
+            let corpus = corpus::ingest(path, &IngestOptions::default())?;
+            let template = loaded
+                .chat_template
+                .clone()
+                .context("--summary needs a chat model (this one has no chat template)")?;
+            let mut backend = LocalBackend::from_parts(
+                loaded.transformer()?,
+                loaded.tokenizer.clone(),
+                template,
+                loaded.fingerprint.clone(),
+            )?;
+            args.train
+                .corpus_summary(&mut backend, &corpus, args.json)?
+        }
+        _ => None,
     };
     let summary = run_training(
         &args.train,
         &loaded,
         &args.data,
+        prompt_summary,
         corpus_ids.as_deref(),
         &args.out,
         args.resume,
@@ -201,6 +258,7 @@ pub fn run_training(
     train: &TrainArgs,
     loaded: &LoadedModel,
     data: &Path,
+    prompt_summary: Option<PromptSummary>,
     corpus_ids: Option<&[u32]>,
     out: &Path,
     resume: bool,
@@ -223,6 +281,7 @@ pub fn run_training(
         &cfg,
         loaded,
         &dataset,
+        prompt_summary,
         corpus_ids,
         out,
         &opts,

@@ -166,5 +166,6 @@ pub fn toy_data(model: &Transformer, n: usize, k: usize) -> TrainData {
         records,
         corpus_digest: Some(format!("sha256:{}", "ab".repeat(32))),
         teacher: None,
+        summary: None,
     }
 }
