@@ -36,6 +36,9 @@ pub struct TokenEvent {
     /// Top-K `(id, logprob)` of the untempered distribution at this position (empty unless the
     /// request asked for them).
     pub top_logprobs: Vec<(u32, f32)>,
+    /// Log-probability of `token` under the untempered distribution (only when the request asked
+    /// for top log-probabilities; 0 otherwise).
+    pub logprob: f32,
     /// Set on the sequence's last token; the sequence has then left the decoder.
     pub finish: Option<FinishReason>,
 }
@@ -63,10 +66,15 @@ impl Running {
         let token = self.sampler.sample(logits);
         self.generated += 1;
         self.last = token;
-        let top = if self.request.top_logprobs > 0 {
-            top_logprobs(logits, self.request.top_logprobs)
+        let (top, logprob) = if self.request.top_logprobs > 0 {
+            let top = top_logprobs(logits, self.request.top_logprobs);
+            let lp = match top.iter().find(|t| t.0 == token) {
+                Some(t) => t.1,
+                None => logprob_of(logits, token),
+            };
+            (top, lp)
         } else {
-            Vec::new()
+            (Vec::new(), 0.0)
         };
         let finish = if self.request.stop_tokens.contains(&token) {
             Some(FinishReason::StopToken(token))
@@ -79,9 +87,21 @@ impl Running {
             id: self.id,
             token,
             top_logprobs: top,
+            logprob,
             finish,
         }
     }
+}
+
+/// `log softmax(logits)[token]`.
+fn logprob_of(logits: &[f32], token: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&z| (z as f64 - max).exp()).sum();
+    let z = logits
+        .get(token as usize)
+        .copied()
+        .unwrap_or(f32::NEG_INFINITY) as f64;
+    (z - max - sum.ln()) as f32
 }
 
 /// A batch of sequences sharing one prefix, decoded step by step; see the module docs.
