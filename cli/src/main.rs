@@ -33,6 +33,12 @@ enum Command {
     Generate(commands::generate::Args),
     /// Chat interactively with the model (and its cartridges); /reset, /exit.
     Chat(commands::chat::Args),
+    /// Concatenate cartridges into one .cart, exactly as they compose at request time.
+    Compose(commands::compose::Args),
+    /// Write a .cart as a Hugging Face PEFT adapter (CARTRIDGE or PROMPT_TUNING).
+    Export(commands::export::Args),
+    /// Turn a PEFT adapter or a reference-trainer torch cartridge into a .cart for a model.
+    Import(commands::import::Args),
 }
 
 /// Exit status for bad input (a corrupt or foreign file, a model mismatch); usage errors also give 2.
@@ -56,6 +62,9 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args),
         Command::Build(args) => commands::build::run(args),
         Command::Chat(args) => commands::chat::run(args),
+        Command::Compose(args) => commands::compose::run(args),
+        Command::Export(args) => commands::export::run(args),
+        Command::Import(args) => commands::import::run(args),
     };
     match result {
         Ok(code) => code,
@@ -74,6 +83,7 @@ fn main() -> ExitCode {
 fn is_bad_input(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         cause.is::<cartridge_formats::cart::CartError>()
+            || cause.is::<cartridge_runtime::interchange::InterchangeError>()
             || matches!(
                 cause.downcast_ref::<cartridge_runtime::Error>(),
                 Some(cartridge_runtime::Error::Cart(_))

@@ -2,7 +2,10 @@
 
 pub mod build;
 pub mod chat;
+pub mod compose;
+pub mod export;
 pub mod generate;
+pub mod import;
 pub mod inspect;
 pub mod inspect_dataset;
 pub mod synthesize;
