@@ -1,6 +1,8 @@
 //! Time one training step (forward + backward + Adam of the cartridge) on the default model:
 //! `cargo run --release -p cartridge-compiler --example step_time -- [p] [batch] [seq_len] [steps]`
 //! (defaults 256, 4, 256, 4). Every token is a target with a random top-20, as in distillation.
+//! The last line is a JSON summary (median step after the first, tokens/s, peak RSS) that
+//! `scripts/bench_train.py` reads.
 
 use std::time::Instant;
 
@@ -42,6 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let vars = params.vars();
     let mut adam = Adam::new(vars.clone(), AdamParams::default())?;
     println!("p={p} batch={b}x{t} on {}", loaded.path.display());
+    let mut times = Vec::with_capacity(steps);
     for s in 0..steps {
         let t0 = Instant::now();
         let prefix = params.stack()?.resolve(&net, Path::Train)?;
@@ -56,6 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect();
         adam.update(&grads, 2e-2)?;
         let total = t0.elapsed().as_secs_f64();
+        times.push(total);
         println!(
             "step {s}: loss {:.4} forward {:.2} s backward {:.2} s total {:.2} s ({:.0} tokens/s)",
             loss.to_scalar::<f32>()?,
@@ -65,5 +69,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             (b * t) as f64 / total
         );
     }
+    // The first step pays first-touch page faults; a long-lived trainer pays them once.
+    let mut counted = if times.len() > 1 {
+        times[1..].to_vec()
+    } else {
+        times
+    };
+    counted.sort_by(f64::total_cmp);
+    let median = counted.get(counted.len() / 2).copied().unwrap_or(f64::NAN);
+    println!(
+        "{}",
+        serde_json::json!({"p": p, "batch": b, "seq": t, "median_step_s": median,
+            "tokens_per_s": (b * t) as f64 / median, "peak_rss_mb": peak_rss_mib()})
+    );
     Ok(())
+}
+
+/// The process's peak resident set (VmHWM) in MiB, or NaN where /proc is missing.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }

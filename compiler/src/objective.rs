@@ -86,7 +86,9 @@ impl Batch {
         Self::build(examples, &rows, false, objective, device)
     }
 
-    /// Examples packed into rows of at most `pack_len` tokens ([`pack_rows`]).
+    /// Examples packed into rows of at most `max(pack_len, longest example)` tokens
+    /// ([`pack_rows`]): rows are never longer than padding would make them, so packing never
+    /// costs more attention than padding; a larger `pack_len` trades attention for fewer rows.
     pub fn packed(
         examples: &[&Example],
         pack_len: usize,
@@ -94,7 +96,8 @@ impl Batch {
         device: &Device,
     ) -> Result<Batch> {
         let lengths: Vec<usize> = examples.iter().map(|e| e.tokens.len()).collect();
-        let rows = pack_rows(&lengths, pack_len);
+        let longest = lengths.iter().copied().max().unwrap_or(0);
+        let rows = pack_rows(&lengths, pack_len.max(longest));
         Self::build(examples, &rows, true, objective, device)
     }
 
