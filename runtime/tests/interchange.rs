@@ -339,6 +339,10 @@ fn foreign_pickles_are_refused_with_clear_errors() {
         matches!(&err, InterchangeError::Missing { what, .. } if what.contains("trainable_values")),
         "{err}"
     );
+    let err = pickle_error(&fixture("state_dict.pt"), &model());
+    assert!(err.to_string().contains("missing trainable_keys"), "{err}");
+    let err = pickle_error(&fixture("broadcast_f32.pt"), &model());
+    assert!(err.to_string().contains("broadcast view"), "{err}");
     let other_heads = ModelFingerprint {
         head_dim: 16,
         ..model()

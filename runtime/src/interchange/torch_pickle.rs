@@ -13,6 +13,9 @@
 //! then walked here with every shape, stride and offset checked against the storage it points into,
 //! so a malformed or hostile file gives an error, never a panic or an out-of-bounds read.
 //! Tensors may be strided views at an offset into a shared storage (`torch.save` keeps views).
+//! Limits: the pickle stream is capped at 64 MiB (candle's reader copies a memoised object at each
+//! reference, so a crafted stream can still be slow to parse), a storage entry at 16 GiB, and only
+//! uncompressed (stored) zip entries are read, as `torch.save` writes them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -93,7 +96,7 @@ impl Archive {
     /// Entry `name` (under the prefix), at most `max` bytes; `None` when absent.
     fn entry(&mut self, name: &str, max: u64) -> Result<Option<Vec<u8>>> {
         let full = format!("{}{name}", self.prefix);
-        let mut file = match self.zip.by_name(&full) {
+        let file = match self.zip.by_name(&full) {
             Ok(f) => f,
             Err(zip::result::ZipError::FileNotFound) => return Ok(None),
             Err(e) => return Err(malformed(&self.path, format!("{full}: {e}"))),
@@ -107,8 +110,10 @@ impl Archive {
                 ),
             ));
         }
-        let mut bytes = Vec::with_capacity(file.size() as usize);
-        file.read_to_end(&mut bytes)
+        // The declared size is the file's word: reserve little up front and never read past `max`.
+        let mut bytes = Vec::with_capacity(file.size().min(1 << 20) as usize);
+        file.take(max)
+            .read_to_end(&mut bytes)
             .map_err(|e| malformed(&self.path, format!("{full}: {e}")))?;
         Ok(Some(bytes))
     }
@@ -180,6 +185,14 @@ fn gather(storage: &[u8], es: usize, t: &TensorRef) -> std::result::Result<Vec<u
         .ok_or("element count overflows")?;
     if count == 0 {
         return Ok(Vec::new());
+    }
+    // A view with more elements than its storage repeats some (stride 0, `expand`): refused, which
+    // also bounds the copy by the storage actually present in the file.
+    if count > t.storage_len {
+        return Err(format!(
+            "view of {count} elements over a {}-element storage (a broadcast view?)",
+            t.storage_len
+        ));
     }
     // The furthest element the view can reach must lie inside the storage.
     let last = t
