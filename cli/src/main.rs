@@ -33,6 +33,9 @@ enum Command {
     Generate(commands::generate::Args),
     /// Chat interactively with the model (and its cartridges); /reset, /exit.
     Chat(commands::chat::Args),
+    /// Compare the bare model, the corpus in context, cartridges and soft prompts on questions and
+    /// held-out conversations: answer log-likelihood, accuracy, KL to the teacher, KV memory, latency.
+    Eval(commands::eval::Args),
     /// Concatenate cartridges into one .cart, exactly as they compose at request time.
     Compose(commands::compose::Args),
     /// Write a .cart as a Hugging Face PEFT adapter (CARTRIDGE or PROMPT_TUNING).
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args),
         Command::Build(args) => commands::build::run(args),
         Command::Chat(args) => commands::chat::run(args),
+        Command::Eval(args) => commands::eval::run(args),
         Command::Compose(args) => commands::compose::run(args),
         Command::Export(args) => commands::export::run(args),
         Command::Import(args) => commands::import::run(args),

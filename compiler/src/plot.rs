@@ -4,6 +4,11 @@
 //! file next to it carries the numbers; the picture shows the shape.
 //!
 //! Colours: training loss blue, held-out loss red (with dots), bare model grey, teacher green.
+//!
+//! [`render_scatter`] draws labelled points on labelled axes (an evaluation's quality against KV
+//! memory per mode), with the small bitmap font of [`font`].
+
+mod font;
 
 use std::path::Path;
 
@@ -108,6 +113,28 @@ impl Canvas {
             }
         }
     }
+
+    /// `text` with its top-left corner at `(x, y)`, one glyph column per pixel.
+    fn text(&mut self, (x, y): (i64, i64), text: &str, c: [u8; 3]) {
+        for (i, ch) in text.chars().enumerate() {
+            let x0 = x + (i * TEXT_ADVANCE) as i64;
+            for (row, bits) in font::glyph(ch).iter().enumerate() {
+                for col in 0..font::GLYPH_W {
+                    if bits & (1 << (font::GLYPH_W - 1 - col)) != 0 {
+                        self.set(x0 + col as i64, y + row as i64, c);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Pixels from one character to the next.
+const TEXT_ADVANCE: usize = font::GLYPH_W + 1;
+
+/// Width in pixels of `text` drawn by [`Canvas::text`].
+fn text_width(text: &str) -> usize {
+    text.chars().count() * TEXT_ADVANCE
 }
 
 /// Render the curves as PNG bytes.
@@ -173,6 +200,145 @@ pub fn render(c: &Curves) -> Vec<u8> {
         }
     }
     encode_png(&canvas.px, W, H)
+}
+
+/// One labelled point of a scatter plot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScatterPoint {
+    /// Drawn next to the point.
+    pub label: String,
+    /// Horizontal value.
+    pub x: f64,
+    /// Vertical value.
+    pub y: f64,
+}
+
+/// A scatter plot: labelled points on axes with a title and axis labels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scatter {
+    /// Above the plot.
+    pub title: String,
+    /// Under the horizontal axis.
+    pub x_label: String,
+    /// Above the vertical axis.
+    pub y_label: String,
+    /// The points (non-finite coordinates are left out).
+    pub points: Vec<ScatterPoint>,
+}
+
+/// Point colours, in turn.
+const PALETTE: [[u8; 3]; 6] = [BLUE, RED, GREEN, GREY, [148, 103, 189], [255, 127, 14]];
+/// Plot area of a scatter: left, top, right, bottom edges in pixels (room for tick labels).
+const SCATTER_BOX: (usize, usize, usize, usize) = (80, 40, W - 40, H - 50);
+/// Ticks per axis (including both ends).
+const TICKS: usize = 5;
+
+/// A tick value as short text: up to 4 significant digits, no trailing zeros.
+fn tick_text(v: f64) -> String {
+    let digits = if v == 0.0 {
+        0
+    } else {
+        (3 - v.abs().log10().floor() as i64).clamp(0, 6) as usize
+    };
+    let s = format!("{v:.digits$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+/// `lo..hi` padded by 5% on each side (and widened around a single value).
+fn padded_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+        (a.min(v), b.max(v))
+    });
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    let span = if hi > lo { hi - lo } else { lo.abs().max(1.0) };
+    // Padding does not push a range of non-negative values (sizes, counts) below zero.
+    let padded_lo = lo - 0.05 * span;
+    let padded_lo = if lo >= 0.0 {
+        padded_lo.max(0.0)
+    } else {
+        padded_lo
+    };
+    (padded_lo, hi + 0.05 * span)
+}
+
+/// Render a scatter plot as PNG bytes.
+pub fn render_scatter(s: &Scatter) -> Vec<u8> {
+    let mut canvas = Canvas::new();
+    let pts: Vec<&ScatterPoint> = s
+        .points
+        .iter()
+        .filter(|p| p.x.is_finite() && p.y.is_finite())
+        .collect();
+    let (x_lo, x_hi) = padded_range(pts.iter().map(|p| p.x));
+    let (y_lo, y_hi) = padded_range(pts.iter().map(|p| p.y));
+    let (left, top, right, bottom) = SCATTER_BOX;
+    let (left, top, right, bottom) = (left as i64, top as i64, right as i64, bottom as i64);
+    let at = |x: f64, y: f64| -> (i64, i64) {
+        (
+            left + ((x - x_lo) / (x_hi - x_lo) * (right - left) as f64).round() as i64,
+            bottom - ((y - y_lo) / (y_hi - y_lo) * (bottom - top) as f64).round() as i64,
+        )
+    };
+    canvas.line((left, bottom), (right, bottom), BLACK);
+    canvas.line((left, top), (left, bottom), BLACK);
+    let glyph_h = font::GLYPH_H as i64;
+    for i in 0..TICKS {
+        let f = i as f64 / (TICKS - 1) as f64;
+        let (xv, yv) = (x_lo + f * (x_hi - x_lo), y_lo + f * (y_hi - y_lo));
+        let (tx, _) = at(xv, y_lo);
+        canvas.line((tx, bottom), (tx, bottom + 4), BLACK);
+        let label = tick_text(xv);
+        canvas.text(
+            (tx - text_width(&label) as i64 / 2, bottom + 8),
+            &label,
+            BLACK,
+        );
+        let (_, ty) = at(x_lo, yv);
+        canvas.line((left - 4, ty), (left, ty), BLACK);
+        let label = tick_text(yv);
+        canvas.text(
+            (left - 8 - text_width(&label) as i64, ty - glyph_h / 2),
+            &label,
+            BLACK,
+        );
+    }
+    let x_mid = (left + right) / 2;
+    canvas.text(
+        (x_mid - text_width(&s.x_label) as i64 / 2, bottom + 28),
+        &s.x_label,
+        BLACK,
+    );
+    canvas.text((8, top - 16), &s.y_label, BLACK);
+    canvas.text(
+        (x_mid - text_width(&s.title) as i64 / 2, 8),
+        &s.title,
+        BLACK,
+    );
+    for (i, p) in pts.iter().enumerate() {
+        let colour = PALETTE[i % PALETTE.len()];
+        let (x, y) = at(p.x, p.y);
+        canvas.dot((x, y), colour);
+        // Labels go right of the point, or left of it near the right edge.
+        let w = text_width(&p.label) as i64;
+        let lx = if x + 6 + w < W as i64 {
+            x + 6
+        } else {
+            x - 6 - w
+        };
+        canvas.text((lx, y - glyph_h / 2), &p.label, colour);
+    }
+    encode_png(&canvas.px, W, H)
+}
+
+/// Render `scatter` into `png` (atomically).
+pub fn write_scatter(scatter: &Scatter, png: &Path) -> Result<()> {
+    write_atomic(png, &render_scatter(scatter)).map_err(|e| Error::io(png, e))
 }
 
 /// Render the metrics at `metrics` into `png` (atomically).
@@ -268,5 +434,43 @@ mod tests {
         // Red (held-out) pixels were drawn.
         let raw_has_red = png.windows(3).any(|w| w == RED);
         assert!(raw_has_red);
+    }
+
+    #[test]
+    fn scatter_draws_labelled_points_and_axes() {
+        let point = |label: &str, x: f64, y: f64| ScatterPoint {
+            label: label.into(),
+            x,
+            y,
+        };
+        let s = Scatter {
+            title: "quality vs kv memory".into(),
+            x_label: "kv memory (mib)".into(),
+            y_label: "answer log-likelihood".into(),
+            points: vec![
+                point("bare", 0.0, -3.0),
+                point("icl", 90.0, -1.0),
+                point("nan", f64::NAN, 0.0),
+            ],
+        };
+        let mut canvas = Canvas::new();
+        canvas.text((10, 10), "A", BLACK);
+        // The glyph's top row (0x0E: .XXX.) sets columns 1 to 3 only.
+        let px = |x: usize, y: usize| &canvas.px[(y * W + x) * 3..(y * W + x) * 3 + 3];
+        assert_eq!(
+            (px(10, 10), px(11, 10), px(13, 10), px(14, 10)),
+            (&[255u8; 3][..], &BLACK[..], &BLACK[..], &[255u8; 3][..])
+        );
+        let png = render_scatter(&s);
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        // The first two points' colours were drawn (blue, red); no third colour for the NaN point.
+        assert!(png.windows(3).any(|w| w == BLUE));
+        assert!(png.windows(3).any(|w| w == RED));
+        assert!(!png.windows(3).any(|w| w == GREEN));
+        assert_eq!(tick_text(0.0), "0");
+        assert_eq!(tick_text(-1.23456), "-1.235");
+        assert_eq!(tick_text(90.0), "90");
+        assert_eq!(tick_text(2.5e-5), "0.000025");
+        assert_eq!(tick_text(1234567.0), "1234567");
     }
 }

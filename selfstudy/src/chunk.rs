@@ -83,6 +83,16 @@ impl TokenizedCorpus {
     /// directory corpus keeps its file names). Token ranges are decoded with the backend, so a
     /// range that splits a character shows U+FFFD at its edge.
     pub fn chunk_text(&self, location: &ChunkLocation, backend: &dyn Backend) -> Result<String> {
+        self.chunk_text_with(location, |ids| backend.decode(ids))
+    }
+
+    /// [`Self::chunk_text`] with any decoder of token ids (an evaluation rebuilding the teacher's
+    /// system message has a tokenizer but no generating backend).
+    pub fn chunk_text_with(
+        &self,
+        location: &ChunkLocation,
+        decode: impl Fn(&[u32]) -> Result<String>,
+    ) -> Result<String> {
         let mut text = String::new();
         let show_paths = self.files.len() > 1;
         for p in &location.pieces {
@@ -101,7 +111,7 @@ impl TokenizedCorpus {
                 }
                 text.push_str(&format!("### {}\n", p.file));
             }
-            text.push_str(&backend.decode(toks)?);
+            text.push_str(&decode(toks)?);
         }
         Ok(text)
     }

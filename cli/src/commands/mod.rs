@@ -3,6 +3,7 @@
 pub mod build;
 pub mod chat;
 pub mod compose;
+pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod import;
