@@ -33,6 +33,8 @@ enum Command {
     Generate(commands::generate::Args),
     /// Chat interactively with the model (and its cartridges); /reset, /exit.
     Chat(commands::chat::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API; requests name cartridges to compose.
+    Serve(commands::serve::Args),
     /// Compare the bare model, the corpus in context, cartridges and soft prompts on questions and
     /// held-out conversations: answer log-likelihood, accuracy, KL to the teacher, KV memory, latency.
     Eval(commands::eval::Args),
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args),
         Command::Build(args) => commands::build::run(args),
         Command::Chat(args) => commands::chat::run(args),
+        Command::Serve(args) => commands::serve::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Compose(args) => commands::compose::run(args),
         Command::Export(args) => commands::export::run(args),

@@ -7,7 +7,8 @@
 //! - [`corpus`]: ingestion (file or folder, `.gitignore`, excludes, binary/UTF-8 handling, digest);
 //! - [`chunk`]: tokenisation and random token windows;
 //! - [`seeds`]: the five seed-prompt kinds;
-//! - [`backend`]: the teacher interface; [`local`]: the in-process runtime teacher;
+//! - [`backend`]: the teacher interface; [`local`]: the in-process runtime teacher; [`remote`]: a
+//!   teacher behind an OpenAI-compatible server;
 //! - [`prompt`]: system message and conversation token ids;
 //! - [`synth`]: the synthesis loop, [`synthesize`];
 //! - [`summary`]: the corpus summary a soft prompt can carry.
@@ -33,6 +34,7 @@ pub mod corpus;
 pub mod error;
 pub mod local;
 pub mod prompt;
+pub mod remote;
 pub mod seeds;
 pub mod summary;
 pub mod synth;

@@ -9,5 +9,6 @@ pub mod generate;
 pub mod import;
 pub mod inspect;
 pub mod inspect_dataset;
+pub mod serve;
 pub mod synthesize;
 pub mod train;

@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use cartridge_selfstudy::corpus::{self, IngestOptions, InvalidUtf8};
 use cartridge_selfstudy::local::LocalBackend;
+use cartridge_selfstudy::remote::{RemoteBackend, RemoteOptions};
+use cartridge_selfstudy::Backend;
 use cartridge_selfstudy::{parse_seed_file, synthesize, SeedWeights, SynthesisConfig};
 use serde_json::json;
 
@@ -131,6 +133,23 @@ impl SynthArgs {
     }
 }
 
+/// Where the teacher runs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BackendArgs {
+    /// Run the teacher on an OpenAI-compatible server (`http://HOST:PORT/v1`: another `cartridge
+    /// serve`, vLLM, SGLang, llama.cpp) instead of in this process. --model names the same model:
+    /// its tokenizer and chat template are used here, and the server must match its fingerprint
+    /// (or, without one, its tokenizer).
+    #[arg(long, value_name = "URL")]
+    pub backend: Option<String>,
+    /// Requests in flight to --backend at once.
+    #[arg(long, default_value_t = RemoteOptions::default().concurrency)]
+    pub backend_concurrency: usize,
+    /// Retries of a failed request to --backend (exponential backoff; 429 and 5xx are retried).
+    #[arg(long, default_value_t = RemoteOptions::default().retries)]
+    pub backend_retries: u32,
+}
+
 /// Options of `cartridge synthesize`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -152,6 +171,8 @@ pub struct Args {
     #[command(flatten)]
     synth: SynthArgs,
     #[command(flatten)]
+    backend: BackendArgs,
+    #[command(flatten)]
     config: crate::config_file::ConfigArg,
     /// Progress as JSON lines on stderr and the summary as one JSON object on stdout.
     #[arg(long)]
@@ -163,20 +184,41 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let config = args.synth.config(args.num)?;
     let corpus = corpus::ingest(&args.corpus, &args.corpus_args.options())?;
     let loaded = args.model.load()?;
-    let model = args.model.transformer(&loaded)?;
-    let template = loaded
-        .chat_template
-        .context("the model has no chat template; self-study needs a chat model")?;
-    let mut backend =
-        LocalBackend::from_parts(model, loaded.tokenizer, template, loaded.fingerprint)?;
-    let summary = run_synthesis(
-        &config,
-        &mut backend,
-        &corpus,
-        &args.out,
-        args.resume,
-        args.json,
-    )?;
+    let summary = match &args.backend.backend {
+        Some(url) => {
+            let options = RemoteOptions {
+                concurrency: args.backend.backend_concurrency.max(1),
+                retries: args.backend.backend_retries,
+                ..RemoteOptions::default()
+            };
+            let mut backend = RemoteBackend::connect(url, loaded, options)
+                .with_context(|| format!("connecting to the teacher at {url}"))?;
+            run_synthesis(
+                &config,
+                &mut backend,
+                &corpus,
+                &args.out,
+                args.resume,
+                args.json,
+            )?
+        }
+        None => {
+            let model = args.model.transformer(&loaded)?;
+            let template = loaded
+                .chat_template
+                .context("the model has no chat template; self-study needs a chat model")?;
+            let mut backend =
+                LocalBackend::from_parts(model, loaded.tokenizer, template, loaded.fingerprint)?;
+            run_synthesis(
+                &config,
+                &mut backend,
+                &corpus,
+                &args.out,
+                args.resume,
+                args.json,
+            )?
+        }
+    };
     print_summary(&summary, args.json)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -184,7 +226,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
 /// Synthesise with a progress display; shared with `build`.
 pub fn run_synthesis(
     config: &SynthesisConfig,
-    backend: &mut LocalBackend,
+    backend: &mut dyn Backend,
     corpus: &corpus::Corpus,
     out: &std::path::Path,
     resume: bool,
