@@ -1,7 +1,7 @@
 //! A PNG of the training curves (training loss per step, held-out loss, the bare model's and the
-//! teacher's levels as horizontal lines), drawn without any plotting or font dependency: lines on
-//! an RGB buffer, written as a PNG with stored (uncompressed) deflate blocks. No text: the JSONL
-//! file next to it carries the numbers; the picture shows the shape.
+//! teacher's levels as horizontal lines, with labelled axes and a legend), drawn without any
+//! plotting or font dependency: lines and a small bitmap font on an RGB buffer, written as a PNG
+//! with stored (uncompressed) deflate blocks. The JSONL file next to it carries the numbers.
 //!
 //! Colours: training loss blue, held-out loss red (with dots), bare model grey, teacher green.
 //!
@@ -18,7 +18,6 @@ use crate::error::{Error, Result};
 
 const W: usize = 800;
 const H: usize = 480;
-const MARGIN: usize = 30;
 
 const BLUE: [u8; 3] = [31, 119, 180];
 const RED: [u8; 3] = [214, 39, 40];
@@ -137,7 +136,7 @@ fn text_width(text: &str) -> usize {
     text.chars().count() * TEXT_ADVANCE
 }
 
-/// Render the curves as PNG bytes.
+/// Render the curves as PNG bytes: labelled axes with ticks, a title, and a legend.
 pub fn render(c: &Curves) -> Vec<u8> {
     let mut canvas = Canvas::new();
     let ys = c
@@ -148,47 +147,33 @@ pub fn render(c: &Curves) -> Vec<u8> {
         .chain(c.bare)
         .chain(c.teacher)
         .filter(|y| y.is_finite());
-    let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
-        (a.min(y), b.max(y))
-    });
+    let (lo, hi) = padded_range(ys);
     let x_hi = c
         .train
         .iter()
         .chain(&c.eval)
         .map(|p| p.0)
         .fold(1f64, f64::max);
-    let (lo, hi) = if lo.is_finite() && hi > lo {
-        (lo, hi)
-    } else {
-        (0.0, 1.0)
+    let frame = Frame {
+        x: (0.0, x_hi),
+        y: (lo, hi),
     };
-    let pad = 0.05 * (hi - lo);
-    let (lo, hi) = (lo - pad, hi + pad);
-    let (pw, ph) = ((W - 2 * MARGIN) as f64, (H - 2 * MARGIN) as f64);
-    let at = |x: f64, y: f64| -> (i64, i64) {
-        (
-            (MARGIN as f64 + x / x_hi * pw).round() as i64,
-            (MARGIN as f64 + (hi - y) / (hi - lo) * ph).round() as i64,
-        )
-    };
-    let (x0, y0, x1, y1) = (
-        MARGIN as i64,
-        MARGIN as i64,
-        (W - MARGIN) as i64,
-        (H - MARGIN) as i64,
+    frame.draw_axes(
+        &mut canvas,
+        "training: loss per target token",
+        "optimiser step",
+        "loss",
     );
-    canvas.line((x0, y1), (x1, y1), BLACK);
-    canvas.line((x0, y0), (x0, y1), BLACK);
     for (level, colour) in [(c.bare, GREY), (c.teacher, GREEN)] {
         if let Some(y) = level.filter(|y| y.is_finite()) {
-            canvas.line(at(0.0, y), at(x_hi, y), colour);
+            canvas.line(frame.at(0.0, y), frame.at(x_hi, y), colour);
         }
     }
     for (series, colour) in [(&c.train, BLUE), (&c.eval, RED)] {
         let pts: Vec<(i64, i64)> = series
             .iter()
             .filter(|p| p.1.is_finite())
-            .map(|&(x, y)| at(x, y))
+            .map(|&(x, y)| frame.at(x, y))
             .collect();
         for w in pts.windows(2) {
             canvas.line(w[0], w[1], colour);
@@ -199,7 +184,84 @@ pub fn render(c: &Curves) -> Vec<u8> {
             }
         }
     }
+    // Legend, top right inside the plot area.
+    let (_, top, right, _) = SCATTER_BOX;
+    let entries = [
+        ("training batch", BLUE),
+        ("held-out", RED),
+        ("bare model", GREY),
+        ("teacher (in context)", GREEN),
+    ];
+    let width = entries
+        .iter()
+        .map(|(t, _)| text_width(t))
+        .max()
+        .unwrap_or(0) as i64
+        + 24;
+    for (i, (text, colour)) in entries.iter().enumerate() {
+        let y = top as i64 + 8 + 14 * i as i64;
+        let x = right as i64 - width;
+        canvas.line((x, y + 3), (x + 14, y + 3), *colour);
+        canvas.text((x + 20, y), text, *colour);
+    }
     encode_png(&canvas.px, W, H)
+}
+
+/// Value ranges mapped onto the plot area [`SCATTER_BOX`].
+struct Frame {
+    x: (f64, f64),
+    y: (f64, f64),
+}
+
+impl Frame {
+    fn at(&self, x: f64, y: f64) -> (i64, i64) {
+        let (left, top, right, bottom) = SCATTER_BOX;
+        let (left, top, right, bottom) = (left as f64, top as f64, right as f64, bottom as f64);
+        let fx = (x - self.x.0) / (self.x.1 - self.x.0);
+        let fy = (y - self.y.0) / (self.y.1 - self.y.0);
+        (
+            (left + fx * (right - left)).round() as i64,
+            (bottom - fy * (bottom - top)).round() as i64,
+        )
+    }
+
+    /// Axes, ticks with their values, axis labels and the title.
+    fn draw_axes(&self, canvas: &mut Canvas, title: &str, x_label: &str, y_label: &str) {
+        let (left, top, right, bottom) = SCATTER_BOX;
+        let (left, top, right, bottom) = (left as i64, top as i64, right as i64, bottom as i64);
+        canvas.line((left, bottom), (right, bottom), BLACK);
+        canvas.line((left, top), (left, bottom), BLACK);
+        let glyph_h = font::GLYPH_H as i64;
+        for i in 0..TICKS {
+            let f = i as f64 / (TICKS - 1) as f64;
+            let xv = self.x.0 + f * (self.x.1 - self.x.0);
+            let yv = self.y.0 + f * (self.y.1 - self.y.0);
+            let (tx, _) = self.at(xv, self.y.0);
+            canvas.line((tx, bottom), (tx, bottom + 4), BLACK);
+            let label = tick_text(xv);
+            canvas.text(
+                (tx - text_width(&label) as i64 / 2, bottom + 8),
+                &label,
+                BLACK,
+            );
+            let (_, ty) = self.at(self.x.0, yv);
+            canvas.line((left - 4, ty), (left, ty), BLACK);
+            let label = tick_text(yv);
+            canvas.text(
+                (left - 8 - text_width(&label) as i64, ty - glyph_h / 2),
+                &label,
+                BLACK,
+            );
+        }
+        let x_mid = (left + right) / 2;
+        canvas.text(
+            (x_mid - text_width(x_label) as i64 / 2, bottom + 28),
+            x_label,
+            BLACK,
+        );
+        canvas.text((8, top - 16), y_label, BLACK);
+        canvas.text((x_mid - text_width(title) as i64 / 2, 8), title, BLACK);
+    }
 }
 
 /// One labelled point of a scatter plot.
@@ -275,54 +337,15 @@ pub fn render_scatter(s: &Scatter) -> Vec<u8> {
         .iter()
         .filter(|p| p.x.is_finite() && p.y.is_finite())
         .collect();
-    let (x_lo, x_hi) = padded_range(pts.iter().map(|p| p.x));
-    let (y_lo, y_hi) = padded_range(pts.iter().map(|p| p.y));
-    let (left, top, right, bottom) = SCATTER_BOX;
-    let (left, top, right, bottom) = (left as i64, top as i64, right as i64, bottom as i64);
-    let at = |x: f64, y: f64| -> (i64, i64) {
-        (
-            left + ((x - x_lo) / (x_hi - x_lo) * (right - left) as f64).round() as i64,
-            bottom - ((y - y_lo) / (y_hi - y_lo) * (bottom - top) as f64).round() as i64,
-        )
+    let frame = Frame {
+        x: padded_range(pts.iter().map(|p| p.x)),
+        y: padded_range(pts.iter().map(|p| p.y)),
     };
-    canvas.line((left, bottom), (right, bottom), BLACK);
-    canvas.line((left, top), (left, bottom), BLACK);
+    frame.draw_axes(&mut canvas, &s.title, &s.x_label, &s.y_label);
     let glyph_h = font::GLYPH_H as i64;
-    for i in 0..TICKS {
-        let f = i as f64 / (TICKS - 1) as f64;
-        let (xv, yv) = (x_lo + f * (x_hi - x_lo), y_lo + f * (y_hi - y_lo));
-        let (tx, _) = at(xv, y_lo);
-        canvas.line((tx, bottom), (tx, bottom + 4), BLACK);
-        let label = tick_text(xv);
-        canvas.text(
-            (tx - text_width(&label) as i64 / 2, bottom + 8),
-            &label,
-            BLACK,
-        );
-        let (_, ty) = at(x_lo, yv);
-        canvas.line((left - 4, ty), (left, ty), BLACK);
-        let label = tick_text(yv);
-        canvas.text(
-            (left - 8 - text_width(&label) as i64, ty - glyph_h / 2),
-            &label,
-            BLACK,
-        );
-    }
-    let x_mid = (left + right) / 2;
-    canvas.text(
-        (x_mid - text_width(&s.x_label) as i64 / 2, bottom + 28),
-        &s.x_label,
-        BLACK,
-    );
-    canvas.text((8, top - 16), &s.y_label, BLACK);
-    canvas.text(
-        (x_mid - text_width(&s.title) as i64 / 2, 8),
-        &s.title,
-        BLACK,
-    );
     for (i, p) in pts.iter().enumerate() {
         let colour = PALETTE[i % PALETTE.len()];
-        let (x, y) = at(p.x, p.y);
+        let (x, y) = frame.at(p.x, p.y);
         canvas.dot((x, y), colour);
         // Labels go right of the point, or left of it near the right edge.
         let w = text_width(&p.label) as i64;
