@@ -133,11 +133,17 @@ impl Archive {
         let pickle = self
             .entry("data.pkl", MAX_PICKLE_BYTES)?
             .ok_or_else(|| malformed(&self.path, "data.pkl vanished".into()))?;
-        let mut stack = Stack::empty();
-        stack
-            .read_loop(&mut Cursor::new(pickle))
-            .and_then(|()| stack.finalize())
-            .map_err(|e| malformed(&self.path, format!("data.pkl: {e}")))
+        // candle's reader returns errors for what we have seen go wrong, but its integer opcodes
+        // shift and multiply unchecked (a panic in a debug build on a crafted stream): contain it.
+        let parsed = std::panic::catch_unwind(move || {
+            let mut stack = Stack::empty();
+            stack
+                .read_loop(&mut Cursor::new(pickle))
+                .and_then(|()| stack.finalize())
+                .map_err(|e| e.to_string())
+        })
+        .unwrap_or_else(|_| Err("the pickle reader gave up on this stream".into()));
+        parsed.map_err(|e| malformed(&self.path, format!("data.pkl: {e}")))
     }
 
     /// The tensor's elements, row-major, as little-endian bytes of its dtype.
