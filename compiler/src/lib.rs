@@ -49,4 +49,4 @@ pub use init::InitKind;
 pub use objective::Objective;
 pub use optim::{Adam, AdamParams};
 pub use schedule::Schedule;
-pub use train::{train, train_dataset, ModelRef, Progress, StepInfo, TrainData, TrainSummary};
+pub use train::{train, train_loaded, ModelRef, Progress, StepInfo, TrainData, TrainSummary};

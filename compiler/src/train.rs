@@ -574,27 +574,22 @@ pub fn train(
     Ok(summary)
 }
 
-/// [`train`] for a loaded model and a dataset folder (what `cartridge train` and `cartridge build`
-/// call): the forward is built from `loaded`'s weights (shared, not copied). `summary` goes with a
-/// soft prompt (see [`PromptSummary`]).
-pub fn train_dataset(
+/// [`train`] for a loaded model (what `cartridge train` and `cartridge build` call): the forward is
+/// built from `loaded`'s weights (shared, not copied). `data` usually comes from
+/// [`TrainData::from_dataset`], with a [`PromptSummary`] when a soft prompt carries one.
+pub fn train_loaded(
     cfg: &TrainConfig,
     loaded: &cartridge_runtime::loader::LoadedModel,
-    dataset: &Dataset,
-    summary: Option<PromptSummary>,
+    data: &TrainData,
     corpus_ids: Option<&[u32]>,
     out: &FsPath,
     opts: &RunOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<TrainSummary> {
     let net = loaded.transformer()?;
-    let data = TrainData {
-        summary,
-        ..TrainData::from_dataset(dataset)?
-    };
     let model = ModelRef {
         transformer: &net,
         fingerprint: &loaded.fingerprint,
     };
-    train(cfg, model, &data, corpus_ids, out, opts, progress)
+    train(cfg, model, data, corpus_ids, out, opts, progress)
 }

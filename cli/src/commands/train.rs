@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use cartridge_compiler::{
     ArtifactKind, InitKind, Objective, Progress as TrainProgress, PromptSummary, RunOptions,
-    Schedule, TrainConfig, TrainSummary,
+    Schedule, TrainConfig, TrainData, TrainSummary,
 };
 use cartridge_formats::cart::Compression;
 use cartridge_formats::dataset::{Dataset, ReadOptions};
@@ -277,11 +277,14 @@ pub fn run_training(
         ..RunOptions::default()
     };
     let mut bar: Option<Progress> = None;
-    let summary = cartridge_compiler::train_dataset(
+    let train_data = TrainData {
+        summary: prompt_summary,
+        ..TrainData::from_dataset(&dataset)?
+    };
+    let summary = cartridge_compiler::train_loaded(
         &cfg,
         loaded,
-        &dataset,
-        prompt_summary,
+        &train_data,
         corpus_ids,
         out,
         &opts,
