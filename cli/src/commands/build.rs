@@ -11,7 +11,7 @@ use cartridge_selfstudy::corpus;
 use cartridge_selfstudy::local::LocalBackend;
 
 use super::synthesize::{run_synthesis, CorpusArgs, SynthArgs};
-use super::train::{corpus_token_ids, run_training, TrainArgs};
+use super::train::{corpus_token_ids, run_training, training_data, TrainArgs};
 use crate::session::ModelArgs;
 
 /// Options of `cartridge build`.
@@ -117,8 +117,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let trained = run_training(
         &args.train,
         &loaded,
-        &data,
-        prompt_summary,
+        &training_data(&data, prompt_summary)?,
         corpus_ids.as_deref(),
         &out,
         args.resume,

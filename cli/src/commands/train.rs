@@ -228,8 +228,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let summary = run_training(
         &args.train,
         &loaded,
-        &args.data,
-        prompt_summary,
+        &training_data(&args.data, prompt_summary)?,
         corpus_ids.as_deref(),
         &args.out,
         args.resume,
@@ -253,20 +252,27 @@ pub fn corpus_token_ids(
     Ok(ids)
 }
 
+/// The training data of a dataset folder, with the soft prompt's summary if it has one.
+pub fn training_data(data: &Path, summary: Option<PromptSummary>) -> Result<TrainData> {
+    let dataset = Dataset::open(data, ReadOptions::default())
+        .with_context(|| format!("opening dataset {}", data.display()))?;
+    Ok(TrainData {
+        summary,
+        ..TrainData::from_dataset(&dataset)?
+    })
+}
+
 /// Train with a progress display; shared with `build`.
 pub fn run_training(
     train: &TrainArgs,
     loaded: &LoadedModel,
-    data: &Path,
-    prompt_summary: Option<PromptSummary>,
+    train_data: &TrainData,
     corpus_ids: Option<&[u32]>,
     out: &Path,
     resume: bool,
     json: bool,
 ) -> Result<TrainSummary> {
     let cfg = train.config()?;
-    let dataset = Dataset::open(data, ReadOptions::default())
-        .with_context(|| format!("opening dataset {}", data.display()))?;
     let opts = RunOptions {
         resume,
         compression: if train.compress {
@@ -277,14 +283,10 @@ pub fn run_training(
         ..RunOptions::default()
     };
     let mut bar: Option<Progress> = None;
-    let train_data = TrainData {
-        summary: prompt_summary,
-        ..TrainData::from_dataset(&dataset)?
-    };
     let summary = cartridge_compiler::train_loaded(
         &cfg,
         loaded,
-        &train_data,
+        train_data,
         corpus_ids,
         out,
         &opts,
