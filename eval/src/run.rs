@@ -7,7 +7,7 @@ use cartridge_compiler::data::Example;
 use cartridge_runtime::{Logits, Path};
 
 use crate::answers::generate_answers;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kl::kl_to_teacher;
 use crate::mode::{planned_prefix_len, EvalModel, Mode, PreparedMode, Renderer};
 use crate::qa::QaItem;
@@ -72,6 +72,11 @@ pub fn evaluate(
     options: &EvalOptions,
     mut progress: impl FnMut(&str),
 ) -> Result<Report> {
+    if data.qa.is_empty() && data.conversations.is_empty() {
+        return Err(Error::Config(
+            "nothing to evaluate: no questions and no conversations".into(),
+        ));
+    }
     let window = model.config().max_position_embeddings;
     let longest_conv = data
         .conversations

@@ -238,6 +238,15 @@ fn a_mode_past_the_window_is_skipped_not_failed() {
     .expect("evaluate");
     let icl = mode(&report, "icl");
     assert!(icl.skipped.as_deref().is_some_and(|s| s.contains("window")));
+    let nothing = evaluate(
+        model,
+        "tiny",
+        &[Mode::bare()],
+        &EvalData::default(),
+        &EvalOptions::default(),
+        |_| {},
+    );
+    assert!(nothing.is_err_and(|e| e.to_string().contains("nothing to evaluate")));
     assert!(icl.qa.is_none() && icl.gap_closed.is_none());
     // Without an evaluated ICL mode there is no gap to close.
     assert!(mode(&report, "bare").gap_closed.is_none());
