@@ -1,7 +1,9 @@
 //! `cartridge serve` as a self-study teacher: `cartridge synthesize --backend http://.../v1`
 //! against a server on loopback writes the same conversations (token ids, targets, top-k ids;
 //! log-probs to float precision) as the in-process teacher, and a server running another model
-//! is refused at start-up. Tiny random model: no download needed.
+//! is refused at start-up (tiny random model: no download needed). On the real model (when it is
+//! there), a chat completion with two composed cartridges equals `cartridge generate` with the
+//! same two `--cartridge` flags.
 
 mod common;
 mod tiny_chat;
@@ -10,8 +12,13 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use candle_core::Device;
+use cartridge_formats::cart::{Compression, Provenance};
 use cartridge_formats::dataset::{Dataset, ReadOptions, Record};
+use cartridge_runtime::cartridge_file::save_cartridge;
+use cartridge_runtime::loader;
 use common::cartridge;
+use serde_json::{json, Value};
 
 /// A `cartridge serve` child process, killed when dropped.
 struct Served {
@@ -184,4 +191,62 @@ fn remote_self_study_against_cartridge_serve_equals_local() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("fingerprint"), "{err}");
     assert!(!tmp.path().join("refused").join("manifest.json").exists());
+}
+
+#[test]
+fn real_model_chat_with_two_cartridges_equals_cartridge_generate() {
+    let Some(model) = common::model_path() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let loaded = loader::load(&model, &Device::Cpu).expect("load");
+    let transformer = loaded.transformer().expect("model");
+    for (name, text) in [
+        (
+            "town",
+            "Velmora is a fishing town. Its lighthouse, the Gray Needle, is 41 meters tall.",
+        ),
+        (
+            "ferry",
+            "The ferry to Velmora leaves at 7:15 every morning from pier 3.",
+        ),
+    ] {
+        let ids = loaded.tokenizer.encode(text, false).expect("encode");
+        let kv = transformer.prefix_kv(None, &ids).expect("kv");
+        let path = tmp.path().join(format!("{name}.cart"));
+        let fp = &loaded.fingerprint;
+        save_cartridge(&path, &kv, 1, fp, Provenance::default(), Compression::None).expect("save");
+    }
+    let question = "How tall is the lighthouse, and when does the ferry leave?";
+    let out = cartridge(&[
+        "generate",
+        "--model",
+        model.to_str().expect("utf-8 path"),
+        "--cartridge",
+        tmp.path().join("town.cart").to_str().expect("path"),
+        "--cartridge",
+        tmp.path().join("ferry.cart").to_str().expect("path"),
+        "--prompt",
+        question,
+        "--max-tokens",
+        "16",
+        "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let server = serve(&model, tmp.path());
+    let body = json!({"messages": [{"role": "user", "content": question}], "max_tokens": 16,
+                      "temperature": 0, "cartridges": [{"id": "town"}, {"id": "ferry"}]});
+    let got: Value = ureq::post(&format!("{}/v1/chat/completions", server.url))
+        .send_json(body)
+        .expect("request")
+        .into_json()
+        .expect("json");
+    assert_eq!(got["choices"][0]["token_ids"], want["ids"]);
+    assert_eq!(got["choices"][0]["message"]["content"], want["text"]);
 }

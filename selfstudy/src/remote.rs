@@ -255,26 +255,13 @@ impl RemoteBackend {
 
     /// One call with retries and exponential backoff.
     fn call_with_retries(&self, url: &str, body: &Value) -> Result<Value> {
-        let mut delay = self.options.backoff;
-        let mut attempt = 0;
-        loop {
-            match self.call_json("POST", url, Some(body)) {
-                Ok(v) => return Ok(v),
-                Err(e) if e.retry && attempt < self.options.retries => {
-                    let wait = e.wait.unwrap_or(delay).min(Duration::from_secs(30));
-                    std::thread::sleep(wait);
-                    delay = (delay * 2).min(Duration::from_secs(30));
-                    attempt += 1;
-                }
-                Err(e) => {
-                    return Err(backend_err(format!(
-                        "{url} failed after {} tries: {}",
-                        attempt + 1,
-                        e.message
-                    )))
-                }
-            }
-        }
+        with_retries(
+            self.options.retries,
+            self.options.backoff,
+            std::thread::sleep,
+            || self.call_json("POST", url, Some(body)),
+        )
+        .map_err(|(tries, e)| backend_err(format!("{url} failed after {tries} tries: {e}")))
     }
 
     fn request_body(&self, shared: &[u32], c: &Completion) -> Value {
@@ -300,6 +287,33 @@ impl RemoteBackend {
         let url = format!("{}/completions", self.base);
         let reply = self.call_with_retries(&url, &self.request_body(shared, c))?;
         parse_completion(&reply, c.top_logprobs, &self.info.stop_tokens)
+    }
+}
+
+/// Longest wait between two tries.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Run `call` until it succeeds, fails for good, or `retries` retries are spent, sleeping (with
+/// `sleep`) the server's `Retry-After` when it gave one, else `backoff`, doubled after each try.
+/// On failure: the number of tries and the last error message.
+fn with_retries<T>(
+    retries: u32,
+    backoff: Duration,
+    mut sleep: impl FnMut(Duration),
+    mut call: impl FnMut() -> std::result::Result<T, CallError>,
+) -> std::result::Result<T, (u32, String)> {
+    let mut delay = backoff;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match call() {
+            Ok(v) => return Ok(v),
+            Err(e) if e.retry && tries <= retries => {
+                sleep(e.wait.unwrap_or(delay).min(MAX_BACKOFF));
+                delay = (delay * 2).min(MAX_BACKOFF);
+            }
+            Err(e) => return Err((tries, e.message)),
+        }
     }
 }
 
@@ -473,6 +487,61 @@ impl Backend for RemoteBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fail(retry: bool, wait: Option<u64>) -> CallError {
+        CallError {
+            message: format!("failed (retry: {retry})"),
+            retry,
+            wait: wait.map(Duration::from_secs),
+        }
+    }
+
+    #[test]
+    fn retries_back_off_honour_retry_after_and_give_up() {
+        // Two retryable failures (the second with Retry-After: 3), then success.
+        let mut slept = Vec::new();
+        let mut calls = 0;
+        let got = with_retries(
+            5,
+            Duration::from_millis(100),
+            |d| slept.push(d),
+            || {
+                calls += 1;
+                match calls {
+                    1 => Err(fail(true, None)),
+                    2 => Err(fail(true, Some(3))),
+                    _ => Ok(calls),
+                }
+            },
+        );
+        assert_eq!(got.ok(), Some(3));
+        assert_eq!(
+            slept,
+            vec![Duration::from_millis(100), Duration::from_secs(3)]
+        );
+        // Backoff doubles and the retries run out: 1 try + 3 retries.
+        let mut slept = Vec::new();
+        let got: std::result::Result<(), _> = with_retries(
+            3,
+            Duration::from_millis(10),
+            |d| slept.push(d),
+            || Err(fail(true, None)),
+        );
+        assert_eq!(got.err().map(|e| e.0), Some(4));
+        assert_eq!(slept, [10, 20, 40].map(Duration::from_millis).to_vec());
+        // A request the server refused (4xx) is not retried.
+        let mut calls = 0;
+        let got: std::result::Result<(), _> = with_retries(
+            5,
+            Duration::ZERO,
+            |_| {},
+            || {
+                calls += 1;
+                Err(fail(false, None))
+            },
+        );
+        assert_eq!((got.err().map(|e| e.0), calls), (Some(1), 1));
+    }
 
     #[test]
     fn replies_in_both_id_formats_parse_alike() {

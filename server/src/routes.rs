@@ -3,7 +3,7 @@
 //! and the responses, whole or as server-sent events.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -446,6 +446,16 @@ fn finish_prepare(
     })
 }
 
+/// `chatcmpl-N` / `cmpl-N`, unique within the process.
+fn response_id(endpoint: Endpoint) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    match endpoint {
+        Endpoint::Chat => format!("chatcmpl-{n}"),
+        Endpoint::Completion => format!("cmpl-{n}"),
+    }
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -668,13 +678,8 @@ async fn whole_response(
                    "finish_reason": finish, "token_ids": t.ids}),
         ),
     };
-    let prefix = if endpoint == Endpoint::Chat {
-        "chatcmpl"
-    } else {
-        "cmpl"
-    };
     Ok(Json(json!({
-        "id": format!("{prefix}-{}", s.metrics.engine_steps.load(Ordering::Relaxed)),
+        "id": response_id(endpoint),
         "object": object,
         "created": now_secs(),
         "model": s.info.name,
@@ -737,15 +742,7 @@ fn stream_response(
     start: Instant,
     prompt_tokens: usize,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let id = format!(
-        "{}-{}",
-        if endpoint == Endpoint::Chat {
-            "chatcmpl"
-        } else {
-            "cmpl"
-        },
-        s.metrics.engine_steps.load(Ordering::Relaxed)
-    );
+    let id = response_id(endpoint);
     let state = StreamState {
         s,
         endpoint,
