@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use cartridge_formats::cart::header::MAX_DIM;
 use cartridge_formats::cart::parse::tensor_bytes;
-use cartridge_formats::cart::{DType, Dims, Header, KvDims, SoftPromptDims};
+use cartridge_formats::cart::{CartError, DType, Dims, Header, KvDims, SoftPromptDims};
 use cartridge_formats::ModelFingerprint;
 use safetensors::{Dtype as StDtype, SafeTensors};
 use serde_json::{json, Value};
@@ -58,7 +58,7 @@ pub fn export(header: &Header, raw: &[u8], dir: &Path, base_model: Option<&str>)
         let entry = header
             .tensors
             .get(i)
-            .ok_or_else(|| cartridge_formats::cart::CartError::NoSuchTensor(format!("#{i}")))?;
+            .ok_or_else(|| CartError::NoSuchTensor(format!("#{i}")))?;
         Ok(tensor_bytes(entry, raw)?)
     };
     let model = &header.model;
@@ -70,22 +70,16 @@ pub fn export(header: &Header, raw: &[u8], dir: &Path, base_model: Option<&str>)
                 d.head_dim as usize,
                 d.tokens as usize,
             );
-            let row = dim * elem_size(header.dtype);
-            let mut data = Vec::with_capacity(p * layers * 2 * heads * row);
-            for t in 0..p {
-                for i in 0..2 * layers {
-                    let src = tensor(i)?;
-                    for h in 0..heads {
-                        let at = (h * p + t) * row;
-                        let slice = src.get(at..at + row).ok_or_else(|| {
-                            cartridge_formats::cart::CartError::InvalidInput(format!(
-                                "tensor #{i} is shorter than its shape"
-                            ))
-                        })?;
-                        data.extend_from_slice(slice);
-                    }
-                }
-            }
+            let layout = RowLayout {
+                tensors: 2 * layers,
+                heads,
+                tokens: p,
+                row_bytes: dim * elem_size(header.dtype),
+            };
+            let parts = (0..2 * layers).map(tensor).collect::<Result<Vec<_>>>()?;
+            let data = layout.join(&parts).ok_or_else(|| {
+                CartError::InvalidInput("a tensor is shorter than its shape".into())
+            })?;
             let config = json!({
                 "auto_mapping": null,
                 "base_model_name_or_path": base_model,
@@ -152,6 +146,64 @@ pub fn export(header: &Header, raw: &[u8], dir: &Path, base_model: Option<&str>)
         None => {}
     }
     Ok(())
+}
+
+/// The one place the two layouts meet: `.cart` tensors `[heads, tokens, D]` in file order (`keys.0,
+/// values.0, keys.1, ...`) versus PEFT rows, one per token, holding every tensor's heads in that
+/// order: element `[h, t, :]` of tensor `i` is at row `t`, block `i * heads + h`.
+struct RowLayout {
+    /// Number of `.cart` tensors (`2 L`).
+    tensors: usize,
+    /// KV heads per tensor.
+    heads: usize,
+    /// Virtual tokens `p`.
+    tokens: usize,
+    /// Bytes of one head's `D` elements.
+    row_bytes: usize,
+}
+
+impl RowLayout {
+    /// Offset in a tensor of `[h, t, :]`.
+    fn in_tensor(&self, h: usize, t: usize) -> usize {
+        (h * self.tokens + t) * self.row_bytes
+    }
+
+    /// Offset in the PEFT matrix of tensor `i`'s `[h, t, :]`.
+    fn in_rows(&self, i: usize, h: usize, t: usize) -> usize {
+        ((t * self.tensors + i) * self.heads + h) * self.row_bytes
+    }
+
+    /// `.cart` tensors -> PEFT rows; `None` when a tensor is too short.
+    fn join(&self, tensors: &[&[u8]]) -> Option<Vec<u8>> {
+        let mut out = vec![0u8; self.tokens * self.tensors * self.heads * self.row_bytes];
+        for (i, src) in tensors.iter().enumerate() {
+            for h in 0..self.heads {
+                for t in 0..self.tokens {
+                    let (from, to) = (self.in_tensor(h, t), self.in_rows(i, h, t));
+                    out.get_mut(to..to + self.row_bytes)?
+                        .copy_from_slice(src.get(from..from + self.row_bytes)?);
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// PEFT rows -> `.cart` tensors; `None` when the matrix is too short.
+    fn split(&self, rows: &[u8]) -> Option<Vec<Vec<u8>>> {
+        (0..self.tensors)
+            .map(|i| {
+                let mut out = vec![0u8; self.heads * self.tokens * self.row_bytes];
+                for h in 0..self.heads {
+                    for t in 0..self.tokens {
+                        let (from, to) = (self.in_rows(i, h, t), self.in_tensor(h, t));
+                        out.get_mut(to..to + self.row_bytes)?
+                            .copy_from_slice(rows.get(from..from + self.row_bytes)?);
+                    }
+                }
+                Some(out)
+            })
+            .collect()
+    }
 }
 
 fn malformed(path: &Path, message: String) -> InterchangeError {
@@ -336,22 +388,15 @@ pub fn import(path: &Path, model: &ModelFingerprint) -> Result<ImportedPrefix> {
                     format!("num_frozen_tokens {frozen} > num_virtual_tokens {p}"),
                 ));
             }
-            let data = tensor.data();
-            let row = dim * elem_size(dtype);
-            let mut tensors = Vec::with_capacity(2 * layers);
-            for i in 0..2 * layers {
-                let mut out = Vec::with_capacity(heads * p * row);
-                for h in 0..heads {
-                    for t in 0..p {
-                        let at = (t * 2 * layers * heads + i * heads + h) * row;
-                        let slice = data
-                            .get(at..at + row)
-                            .ok_or_else(|| shape_error("as many bytes as the shape".into()))?;
-                        out.extend_from_slice(slice);
-                    }
-                }
-                tensors.push(out);
-            }
+            let layout = RowLayout {
+                tensors: 2 * layers,
+                heads,
+                tokens: p,
+                row_bytes: dim * elem_size(dtype),
+            };
+            let tensors = layout
+                .split(tensor.data())
+                .ok_or_else(|| shape_error("as many bytes as the shape".into()))?;
             Ok(ImportedPrefix {
                 dims: Dims::Kv(KvDims {
                     layers: model.num_layers,
