@@ -41,22 +41,32 @@ pub fn select_examples(
     max_len: usize,
 ) -> Result<Vec<Example>> {
     let records = ds.records()?;
-    let examples = match selection {
-        Selection::All => data::prepare(&records, max_len, vocab)?,
+    let (examples, usable) = match selection {
+        Selection::All => {
+            let all = data::prepare(&records, max_len, vocab)?;
+            let n = all.len();
+            (all, n)
+        }
         Selection::HeldOut {
             held_out,
             seed,
             max_seq_len,
         } => {
             let all = data::prepare(&records, max_seq_len, vocab)?;
+            // The trainer keeps at least one conversation to train on: with one, none is held out.
             let (_, held) = data::split(all.len(), held_out, seed);
-            held.into_iter().map(|i| all[i].clone()).collect()
+            (
+                held.into_iter().map(|i| all[i].clone()).collect(),
+                all.len(),
+            )
         }
     };
     if examples.is_empty() {
         return Err(Error::Config(format!(
-            "{}: no conversation with answer tokens to evaluate on",
-            ds.dir().display()
+            "{}: no conversation selected ({usable} of {} have answer tokens; the trainer's \
+             split holds none out of fewer than 2)",
+            ds.dir().display(),
+            records.len()
         )));
     }
     Ok(examples)

@@ -110,7 +110,24 @@ pub struct ModeReport {
 }
 
 impl ModeReport {
-    /// A mode that was not run.
+    /// A mode with its prefix size and nothing measured yet.
+    pub fn new(name: String, kind: ModeKind, prefix_tokens: usize, kv_bytes: u64) -> Self {
+        Self {
+            name,
+            kind,
+            prefix_tokens,
+            kv_bytes,
+            time_to_first_token_s: None,
+            skipped: None,
+            qa: None,
+            kl: None,
+            gap_closed: None,
+            kl_gap_closed: None,
+            items: Vec::new(),
+        }
+    }
+
+    /// A mode that was not run, and why.
     pub fn skipped(
         name: String,
         kind: ModeKind,
@@ -119,17 +136,8 @@ impl ModeReport {
         why: String,
     ) -> Self {
         Self {
-            name,
-            kind,
-            prefix_tokens,
-            kv_bytes,
-            time_to_first_token_s: None,
             skipped: Some(why),
-            qa: None,
-            kl: None,
-            gap_closed: None,
-            kl_gap_closed: None,
-            items: Vec::new(),
+            ..Self::new(name, kind, prefix_tokens, kv_bytes)
         }
     }
 }

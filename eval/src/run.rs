@@ -126,14 +126,12 @@ pub fn evaluate(
             }
             None => None,
         };
-        let mut report = ModeReport::skipped(
+        let mut report = ModeReport::new(
             mode.name.clone(),
             mode.kind,
             prepared.prefix_len(),
             model.kv_bytes(prepared.prefix_len()),
-            String::new(),
         );
-        report.skipped = None;
         report.time_to_first_token_s = ttft;
         if !data.qa.is_empty() {
             progress(&format!(

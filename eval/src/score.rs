@@ -156,7 +156,13 @@ pub fn score_items(
     for (item, seqs) in items.iter().zip(&per_item) {
         let scores: Vec<Vec<f64>> = lps.by_ref().take(seqs.len()).collect();
         let reference = item.choices.as_ref().map_or(0, |c| c.answer_index);
-        let r = &scores[reference];
+        let r = scores.get(reference).ok_or_else(|| {
+            Error::Config(format!(
+                "{:?}: answer_index {reference} is past its {} options",
+                item.question,
+                scores.len()
+            ))
+        })?;
         let chosen = item.choices.as_ref().map(|_| {
             // Highest total log-probability; ties go to the first option.
             let totals: Vec<f64> = scores.iter().map(|s| s.iter().sum()).collect();
