@@ -339,3 +339,83 @@ fn models_cartridges_metrics_and_health() {
         json!("ok")
     );
 }
+
+#[test]
+fn a_soft_prompt_after_a_cartridge_equals_the_runtime_stack() {
+    use candle_core::{Device, Tensor};
+    use cartridge_formats::cart::{Compression, Provenance};
+    use cartridge_runtime::cartridge_file::{load_cartridge, save_soft_prompt, SoftPrompt};
+    use cartridge_runtime::chat_template::ChatMessage;
+    use cartridge_runtime::generate::{generate, Control, GenerateRequest};
+    use cartridge_runtime::{Path, PrefixStack};
+
+    let f = fixture(|_| {});
+    let hidden = f.model.config().hidden_size;
+    let values: Vec<f32> = (0..4 * hidden)
+        .map(|i| ((i * 37) % 17) as f32 / 17.0 - 0.5)
+        .collect();
+    let embeddings = Tensor::from_vec(values, (4, hidden), &Device::Cpu).expect("tensor");
+    let soft = SoftPrompt {
+        embeddings: embeddings.clone(),
+        summary: Some("A summary.".into()),
+    };
+    let fp = &f.loaded.fingerprint;
+    let path = f.carts.path().join("sp.cart");
+    save_soft_prompt(&path, &soft, fp, Provenance::default(), Compression::None).expect("save");
+
+    let cart = load_cartridge(&f.carts.path().join("a.cart"), fp, &Device::Cpu).expect("cart");
+    let prefix = PrefixStack::new()
+        .with_cartridge(cart)
+        .with_soft_prompt(embeddings)
+        .resolve(&f.model, Path::Infer)
+        .expect("resolve");
+    // The summary is the system message, as `cartridge chat` renders it.
+    let msgs = [
+        ChatMessage::new("system", "A summary."),
+        ChatMessage::new("user", "hi"),
+    ];
+    let text = f
+        .loaded
+        .chat_template
+        .as_ref()
+        .expect("template")
+        .render(&msgs, true);
+    let prompt = f
+        .loaded
+        .tokenizer
+        .encode(&text.expect("render"), false)
+        .expect("encode");
+    let sampling = SamplingParams {
+        temperature: 0.8,
+        top_k: None,
+        top_p: None,
+        seed: 9,
+    };
+    let req = GenerateRequest {
+        prompt,
+        sampling,
+        max_tokens: 10,
+        stop_tokens: cartridge_server::chat_stop_tokens(&f.loaded.tokenizer),
+        top_logprobs: 0,
+    };
+    let want = generate(&f.model, prefix.as_ref(), &req, |_| Control::Continue).expect("gen");
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10,
+                      "temperature": 0.8, "seed": 9, "cartridges": [{"id": "a"}],
+                      "soft_prompt": {"id": "sp"}});
+    let (status, v) = post(&f.base, "/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(ids_of(&v["choices"][0]["token_ids"]), want.tokens);
+    // A soft prompt named as a cartridge (or the reverse) is refused.
+    let (status, v) = post(
+        &f.base,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "cartridges": [{"id": "sp"}]}),
+    );
+    assert_openai_error(status, &v, 400, "soft prompt as a cartridge");
+    let (status, v) = post(
+        &f.base,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "soft_prompt": {"id": "a"}}),
+    );
+    assert_openai_error(status, &v, 400, "cartridge as a soft prompt");
+}
