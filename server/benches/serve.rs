@@ -10,12 +10,15 @@
 //! ```
 //! Options: `--model PATH` (default model otherwise), `--quantized`, `--json` (one JSON object per
 //! row instead of the table). The cartridge is the KV of the corpus's first `--cartridge-tokens`
-//! tokens: its cost is what is measured here, not its quality. Resident memory per sequence is
-//! (peak RSS during the run - RSS before it) / concurrency, so it includes the growth of the
-//! server's buffers and the clients' threads; run on a quiet machine.
+//! tokens: its cost is what is measured here, not its quality. Each row runs against a fresh
+//! server process (this binary re-run with `--serve-child`); resident memory per sequence is that
+//! process's (peak RSS during the row - RSS of the idle server) / concurrency, so it includes the
+//! forward's temporaries; `KV/seq` is the f32 KV cache each sequence holds (its prompt and answer,
+//! plus its share of the cartridge, which is stored once). Run on a quiet machine.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,6 +41,9 @@ struct Options {
     cartridge_tokens: usize,
     icl_tokens: usize,
     json: bool,
+    /// Internal: run only the server, over this cartridge folder (the parent measures it).
+    serve_child: Option<PathBuf>,
+    max_batch: usize,
 }
 
 fn parse_args() -> Result<Options> {
@@ -54,6 +60,8 @@ fn parse_args() -> Result<Options> {
         cartridge_tokens: 256,
         icl_tokens: 2048,
         json: false,
+        serve_child: None,
+        max_batch: 32,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -76,6 +84,8 @@ fn parse_args() -> Result<Options> {
             "--cartridge-tokens" => o.cartridge_tokens = value()?.parse()?,
             "--icl-tokens" => o.icl_tokens = value()?.parse()?,
             "--json" => o.json = true,
+            "--serve-child" => o.serve_child = Some(PathBuf::from(value()?)),
+            "--max-batch" => o.max_batch = value()?.parse()?,
             other => bail!("unknown option {other}"),
         }
     }
@@ -104,8 +114,9 @@ fn read_corpus(path: &PathBuf) -> Result<String> {
     Ok(text)
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// Resident memory of process `pid`.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -115,14 +126,15 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// One streamed request: (time to first token, generated tokens).
-fn streamed(base: &str, body: &Value) -> Result<(f64, u64)> {
+/// One streamed request: (time to first token, prompt tokens, generated tokens).
+fn streamed(base: &str, body: &Value) -> Result<(f64, u64, u64)> {
     let start = Instant::now();
     let resp = ureq::post(&format!("{base}/v1/chat/completions"))
         .send_json(body.clone())
         .map_err(|e| anyhow::anyhow!("request failed: {e}"))?;
     let mut ttft = None;
     let mut tokens = 0;
+    let mut prompt = 0;
     for line in BufReader::new(resp.into_reader()).lines() {
         let line = line?;
         let Some(data) = line.strip_prefix("data: ") else {
@@ -140,10 +152,12 @@ fn streamed(base: &str, body: &Value) -> Result<(f64, u64)> {
         }
         if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
             tokens = n;
+            prompt = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
         }
     }
     Ok((
         ttft.unwrap_or_else(|| start.elapsed().as_secs_f64()),
+        prompt,
         tokens,
     ))
 }
@@ -158,25 +172,29 @@ struct Row {
     ttft_p50: f64,
     ttft_max: f64,
     rss_per_seq_mib: f64,
+    /// Mean prompt + generated tokens per request (what each sequence's KV cache holds).
+    seq_tokens: f64,
 }
 
 fn run_one(
     base: &str,
+    server_pid: u32,
     mode: &'static str,
     clients: usize,
     per_client: usize,
     make_body: &(dyn Fn(usize) -> Value + Sync),
 ) -> Result<Row> {
-    // Warm up (first-touch page faults, the cartridge load) outside the measurement.
+    // The idle server's memory, then a warm-up request (first-touch page faults, the cartridge
+    // load) outside the timings; memory is counted from the idle baseline.
+    let before = rss_kib(server_pid);
     streamed(base, &make_body(usize::MAX))?;
-    let before = rss_kib();
     let peak = Arc::new(AtomicU64::new(before));
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
         let (peak, stop) = (peak.clone(), stop.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                peak.fetch_max(rss_kib(), Ordering::Relaxed);
+                peak.fetch_max(rss_kib(server_pid), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(20));
             }
         })
@@ -202,10 +220,12 @@ fn run_one(
     let results = results.into_inner().map_err(|_| anyhow::anyhow!("lock"))?;
     let mut ttfts = Vec::new();
     let mut tokens = 0;
+    let mut seq_tokens = 0;
     for r in results {
-        let (t, n) = r?;
+        let (t, p, n) = r?;
         ttfts.push(t);
         tokens += n;
+        seq_tokens += p + n;
     }
     ttfts.sort_by(f64::total_cmp);
     let peak = peak.load(Ordering::Relaxed);
@@ -219,13 +239,86 @@ fn run_one(
         ttft_p50: ttfts.get(ttfts.len() / 2).copied().unwrap_or(0.0),
         ttft_max: ttfts.last().copied().unwrap_or(0.0),
         rss_per_seq_mib: peak.saturating_sub(before) as f64 / 1024.0 / clients as f64,
+        seq_tokens: seq_tokens as f64 / ttfts.len().max(1) as f64,
     })
+}
+
+/// The server side of one row: load the model, serve `dir`, print the address, run until killed.
+fn serve_child(o: &Options, path: &std::path::Path, dir: &std::path::Path) -> Result<()> {
+    let loaded = loader::load(path, &Device::Cpu)?;
+    let model = if o.quantized {
+        loaded.quantized_transformer()?
+    } else {
+        loaded.transformer()?
+    };
+    let mut config = ServerConfig::new(dir.to_path_buf());
+    config.addr = "127.0.0.1:0".parse()?;
+    config.engine = EngineConfig {
+        max_batch: o.max_batch,
+        queue: 4 * o.max_batch,
+        ..EngineConfig::default()
+    };
+    config.limits.max_prompt_tokens = o.icl_tokens + 512;
+    let server = cartridge_server::spawn(config, &loaded, model)?;
+    println!("listening on http://{}", server.addr());
+    std::io::stdout().flush()?;
+    server.wait()?;
+    Ok(())
+}
+
+/// A server process for one row, killed when dropped.
+struct ChildServer {
+    child: Child,
+    base: String,
+}
+
+impl ChildServer {
+    fn start(
+        o: &Options,
+        model: &std::path::Path,
+        carts: &std::path::Path,
+        max_batch: usize,
+    ) -> Result<Self> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("--serve-child")
+            .arg(carts)
+            .arg("--model")
+            .arg(model)
+            .args(["--max-batch", &max_batch.to_string()])
+            .args(["--icl-tokens", &o.icl_tokens.to_string()])
+            .stdout(Stdio::piped());
+        if o.quantized {
+            cmd.arg("--quantized");
+        }
+        let mut child = cmd.spawn()?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let base = match line.trim().strip_prefix("listening on ") {
+            Some(b) => b.to_string(),
+            None => {
+                let _ = child.kill();
+                bail!("the server process did not start: {line:?}");
+            }
+        };
+        Ok(Self { child, base })
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn main() -> Result<()> {
     cartridge_runtime::ops::pin_thread_count();
     let o = parse_args()?;
     let path = loader::resolve_model_path(o.model.as_deref())?;
+    if let Some(dir) = &o.serve_child {
+        return serve_child(&o, &path, dir);
+    }
     let loaded: LoadedModel = loader::load(&path, &Device::Cpu)?;
     let tokenizer = loaded.tokenizer.clone();
     let corpus_ids = tokenizer.encode(&read_corpus(&o.corpus)?, false)?;
@@ -243,6 +336,7 @@ fn main() -> Result<()> {
         loaded.transformer()?
     };
     let kv = model.prefix_kv(None, &corpus_ids[..o.cartridge_tokens])?;
+    drop(model);
     let carts = tempfile::tempdir()?;
     save_cartridge(
         &carts.path().join("corpus.cart"),
@@ -252,17 +346,10 @@ fn main() -> Result<()> {
         Provenance::default(),
         Compression::None,
     )?;
-    let max_clients = o.concurrency.iter().copied().max().unwrap_or(1);
-    let mut config = ServerConfig::new(carts.path().to_path_buf());
-    config.addr = "127.0.0.1:0".parse()?;
-    config.engine = EngineConfig {
-        max_batch: max_clients,
-        queue: 4 * max_clients,
-        ..EngineConfig::default()
-    };
-    config.limits.max_prompt_tokens = o.icl_tokens + 512;
-    let server = cartridge_server::spawn(config, &loaded, model)?;
-    let base = format!("http://{}", server.addr());
+    // f32 K and V per token over all layers: the KV cache a sequence's tokens occupy.
+    let c = &loaded.config;
+    let kv_bytes_per_token = (c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4) as f64;
+    drop((kv, loaded));
     let max_tokens = o.max_tokens;
     let question = |i: usize| format!("Question {i}: what does the text say about the harbour?");
     let cartridge_body = move |i: usize| {
@@ -285,7 +372,7 @@ fn main() -> Result<()> {
             o.max_tokens
         );
         println!(
-            "{:<10} {:>7} {:>8} {:>9} {:>11} {:>10} {:>9} {:>9} {:>12}",
+            "{:<10} {:>7} {:>8} {:>9} {:>11} {:>10} {:>9} {:>9} {:>12} {:>11}",
             "mode",
             "clients",
             "requests",
@@ -294,7 +381,8 @@ fn main() -> Result<()> {
             "TTFT mean",
             "TTFT p50",
             "TTFT max",
-            "RSS/seq MiB"
+            "RSS/seq MiB",
+            "KV/seq MiB"
         );
     }
     for &clients in &o.concurrency {
@@ -305,7 +393,25 @@ fn main() -> Result<()> {
             ),
             ("icl", &icl_body as &(dyn Fn(usize) -> Value + Sync)),
         ] {
-            let r = run_one(&base, mode, clients, o.requests_per_client, body)?;
+            // A fresh server process per row: its resident memory is measured alone, and no row
+            // inherits another's allocator state.
+            let server = ChildServer::start(&o, &path, carts.path(), clients)?;
+            let r = run_one(
+                &server.base,
+                server.child.id(),
+                mode,
+                clients,
+                o.requests_per_client,
+                body,
+            )?;
+            drop(server);
+            // KV per sequence: its own tokens, plus its share of the cartridge (stored once).
+            let shared = if mode == "cartridge" {
+                o.cartridge_tokens as f64 / clients as f64
+            } else {
+                0.0
+            };
+            let kv_mib = (r.seq_tokens + shared) * kv_bytes_per_token / (1024.0 * 1024.0);
             if o.json {
                 println!(
                     "{}",
@@ -314,11 +420,12 @@ fn main() -> Result<()> {
                            "generated_tokens": r.tokens,
                            "generated_tokens_per_s": r.tokens as f64 / r.secs,
                            "ttft_mean_s": r.ttft_mean, "ttft_p50_s": r.ttft_p50,
-                           "ttft_max_s": r.ttft_max, "rss_per_sequence_mib": r.rss_per_seq_mib})
+                           "ttft_max_s": r.ttft_max, "rss_per_sequence_mib": r.rss_per_seq_mib,
+                           "kv_per_sequence_mib": kv_mib})
                 );
             } else {
                 println!(
-                    "{:<10} {:>7} {:>8} {:>9.2} {:>11.1} {:>9.3}s {:>8.3}s {:>8.3}s {:>12.1}",
+                    "{:<10} {:>7} {:>8} {:>9.2} {:>11.1} {:>9.3}s {:>8.3}s {:>8.3}s {:>12.1} {:>11.1}",
                     r.mode,
                     r.clients,
                     r.requests,
@@ -327,11 +434,11 @@ fn main() -> Result<()> {
                     r.ttft_mean,
                     r.ttft_p50,
                     r.ttft_max,
-                    r.rss_per_seq_mib
+                    r.rss_per_seq_mib,
+                    kv_mib
                 );
             }
         }
     }
-    server.shutdown()?;
     Ok(())
 }
