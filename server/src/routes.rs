@@ -195,8 +195,9 @@ struct Prepared {
     request: GenerateRequest,
     stream: bool,
     stops: Vec<String>,
-    /// Report the chosen tokens' log-probs (and `request.top_logprobs` alternatives).
+    /// Report the chosen tokens' log-probs, with this many alternatives each.
     logprobs: bool,
+    alternatives: usize,
     tokens_as_ids: bool,
 }
 
@@ -442,6 +443,7 @@ fn finish_prepare(
         stream: c.stream.unwrap_or(false),
         stops,
         logprobs,
+        alternatives: top,
         tokens_as_ids: c.return_tokens_as_token_ids.unwrap_or(false),
     })
 }
@@ -497,11 +499,7 @@ impl Tracker {
             text: TextStream::new(decode, p.stops.clone()),
             tokenizer: s.tokenizer.clone(),
             stop_tokens: p.request.stop_tokens.clone(),
-            top: if p.logprobs {
-                p.request.top_logprobs
-            } else {
-                0
-            },
+            top: p.alternatives,
             logprobs: p.logprobs,
             tokens_as_ids: p.tokens_as_ids,
             endpoint: p.endpoint,

@@ -150,6 +150,29 @@ fn completions_take_text_or_ids_and_return_logprobs_with_ids() {
     .expect("generate");
     assert_eq!(ids, want.tokens);
 
+    // Chat log-probs without alternatives: the chosen token's only, with its id.
+    let (status, v) = post(
+        &f.base,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                "logprobs": true, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("content");
+    assert_eq!(content.len(), 3);
+    assert_eq!(
+        ids_of(&v["choices"][0]["token_ids"])[0] as u64,
+        content[0]["token_id"].as_u64().expect("id")
+    );
+    assert!(content
+        .iter()
+        .all(|c| c["top_logprobs"].as_array().is_some_and(Vec::is_empty)));
+    assert!(content
+        .iter()
+        .all(|c| c["logprob"].as_f64().is_some_and(|l| l <= 0.0)));
+
     // Text prompt, streamed, with a seed: the same seed gives the same text twice.
     let body = json!({"prompt": "abc", "max_tokens": 8, "temperature": 0.9, "seed": 5,
                       "stream": true});
