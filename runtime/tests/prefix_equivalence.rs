@@ -223,3 +223,29 @@ fn hidden_states_times_lm_head_are_the_logits() {
         assert!(max_abs_diff(&got.unsqueeze(0).expect("u"), &want) < 1e-5);
     }
 }
+
+/// A long text (more than one prefill chunk) made into a cartridge gives the logits of running it
+/// as plain tokens: the chunked prefill of `prefix_kv` keeps positions and visibility exact.
+#[test]
+fn long_prefix_kv_is_prefilled_in_exact_chunks() {
+    for arch in ALL {
+        let model = tiny_model(arch, DType::F32);
+        let vocab = model.config().vocab_size;
+        let prefix = tokens(7, 700, vocab);
+        let cont = tokens(8, 5, vocab);
+        let want = plain(&model, &prefix, &cont);
+        let cart = model.prefix_kv(None, &prefix).expect("kv");
+        assert_eq!(cart.len(), 700);
+        let got = after(
+            &model,
+            &PrefixStack::new().with_cartridge(cart),
+            &cont,
+            Path::Infer,
+        );
+        let d = max_abs_diff(&got, &want);
+        assert!(
+            d < TOL,
+            "{arch:?}: chunked cartridge vs plain differ by {d}"
+        );
+    }
+}

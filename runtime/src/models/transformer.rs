@@ -442,10 +442,18 @@ impl Transformer {
     /// Per-layer post-RoPE K/V of `tokens` placed after `prefix` (positions `prefix.len()..`),
     /// computed on the inference path. This is how a cartridge is initialised from corpus tokens;
     /// the result covers only `tokens` (compose with `prefix` via [`PrefixKv::concat`]).
+    ///
+    /// Long texts (a corpus in context) are prefilled through a cache in chunks, so the score
+    /// buffers stay `chunk x length` instead of `length x length` and masked blocks are skipped.
     pub fn prefix_kv(&self, prefix: Option<&PrefixKv>, tokens: &[u32]) -> Result<PrefixKv> {
         let ids = Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), &self.device)?;
-        let x = self.embed(&ids)?;
-        self.kv_of(prefix, x, Path::Infer)
+        if tokens.len() <= PREFILL_CHUNK_TOKENS {
+            let x = self.embed(&ids)?;
+            return self.kv_of(prefix, x, Path::Infer);
+        }
+        let mut cache = self.new_cache(1);
+        self.forward(prefix, Some(&mut cache), &ids, Logits::Last, Path::Infer)?;
+        cache.to_prefix(0)
     }
 
     /// Per-layer K/V of input embeddings `[n, hidden]` placed after `prefix`. With
