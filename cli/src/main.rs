@@ -92,6 +92,10 @@ fn is_bad_input(e: &anyhow::Error) -> bool {
         cause.is::<cartridge_formats::cart::CartError>()
             || cause.is::<cartridge_runtime::interchange::InterchangeError>()
             || matches!(
+                cause.downcast_ref::<cartridge_eval::Error>(),
+                Some(cartridge_eval::Error::QaLine { .. })
+            )
+            || matches!(
                 cause.downcast_ref::<cartridge_runtime::Error>(),
                 Some(cartridge_runtime::Error::Cart(_))
             )

@@ -19,7 +19,8 @@ fn malformed_question_line_is_named() {
     )
     .expect("write");
     let out = cartridge(&["eval", "--data", qa.to_str().expect("utf-8 path")]);
-    assert!(!out.status.success());
+    // Bad input: exit 2, like a corrupt .cart.
+    assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("qa.jsonl:2: missing or empty \"answer\""),
