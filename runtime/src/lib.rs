@@ -20,6 +20,9 @@ pub mod ops;
 pub mod prefix;
 pub mod safetensors_dir;
 
+#[cfg(feature = "testing")]
+pub mod testing;
+
 pub use batch_decoder::BatchDecoder;
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;

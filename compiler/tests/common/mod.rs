@@ -1,29 +1,20 @@
-//! Shared test helpers: a tiny random Llama written to a temp dir as a Hugging Face folder (the
-//! approach of `runtime/tests/common`, kept here so the crates' tests stay independent), and a toy
-//! self-study dataset whose teacher is the same model with a "corpus" in its context.
+//! Shared test helpers: a tiny random Llama (`cartridge_runtime::testing`) written to a temp dir
+//! and loaded back, and a toy self-study dataset whose teacher is the same model with a "corpus"
+//! in its context.
 
 #![allow(dead_code)]
-
-use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use cartridge_compiler::TrainData;
 use cartridge_formats::dataset::{ChunkLocation, Record};
 use cartridge_formats::ModelFingerprint;
-use cartridge_runtime::models::{Logits, Transformer};
+use cartridge_runtime::models::{Architecture, Logits, Transformer};
+use cartridge_runtime::testing::{TinySpec, TINY_VOCAB};
 use cartridge_runtime::{model_fingerprint, ops, safetensors_dir, Path};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-pub const VOCAB: usize = 61;
-
-fn rand_tensor(rng: &mut StdRng, shape: &[usize], scale: f32, offset: f32) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| offset + scale * (rng.random::<f32>() * 2.0 - 1.0))
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
-}
+pub const VOCAB: usize = TINY_VOCAB;
 
 /// A tiny random Llama (tied embeddings, GQA 4/2 heads, 3 layers), f32 on the CPU, with a
 /// fingerprint made from `tag` (two tags: two "different" models).
@@ -33,63 +24,10 @@ pub fn tiny_model(seed: u64, tag: &str) -> (Transformer, ModelFingerprint) {
 
 /// [`tiny_model`] in `dtype` (f64 for finite differences).
 pub fn tiny_model_dtype(seed: u64, tag: &str, dtype: DType) -> (Transformer, ModelFingerprint) {
-    let (hid, h, kv, d, inter, layers) = (32, 4, 2, 8, 48, 3);
-    let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": VOCAB, "hidden_size": hid, "intermediate_size": inter,
-        "num_hidden_layers": layers, "num_attention_heads": h, "num_key_value_heads": kv,
-        "head_dim": d, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "max_position_embeddings": 1024, "tie_word_embeddings": true,
-        "bos_token_id": 1, "eos_token_id": 2,
-    });
-    std::fs::write(dir.path().join("config.json"), config.to_string()).expect("config");
-    let mut w: HashMap<String, Tensor> = HashMap::new();
-    w.insert(
-        "model.embed_tokens.weight".into(),
-        rand_tensor(&mut rng, &[VOCAB, hid], 1.0, 0.0),
-    );
-    let lin = |rng: &mut StdRng, out: usize, inp: usize| {
-        rand_tensor(rng, &[out, inp], 1.7 / (inp as f32).sqrt(), 0.0)
-    };
-    for i in 0..layers {
-        let p = format!("model.layers.{i}");
-        let norm = rand_tensor(&mut rng, &[hid], 0.2, 1.0);
-        w.insert(format!("{p}.input_layernorm.weight"), norm);
-        let norm = rand_tensor(&mut rng, &[hid], 0.2, 1.0);
-        w.insert(format!("{p}.post_attention_layernorm.weight"), norm);
-        w.insert(
-            format!("{p}.self_attn.q_proj.weight"),
-            lin(&mut rng, h * d, hid),
-        );
-        w.insert(
-            format!("{p}.self_attn.k_proj.weight"),
-            lin(&mut rng, kv * d, hid),
-        );
-        w.insert(
-            format!("{p}.self_attn.v_proj.weight"),
-            lin(&mut rng, kv * d, hid),
-        );
-        w.insert(
-            format!("{p}.self_attn.o_proj.weight"),
-            lin(&mut rng, hid, h * d),
-        );
-        w.insert(
-            format!("{p}.mlp.gate_proj.weight"),
-            lin(&mut rng, inter, hid),
-        );
-        w.insert(format!("{p}.mlp.up_proj.weight"), lin(&mut rng, inter, hid));
-        w.insert(
-            format!("{p}.mlp.down_proj.weight"),
-            lin(&mut rng, hid, inter),
-        );
-    }
-    w.insert(
-        "model.norm.weight".into(),
-        rand_tensor(&mut rng, &[hid], 0.2, 1.0),
-    );
-    candle_core::safetensors::save(&w, dir.path().join("model.safetensors")).expect("save");
+    TinySpec::for_arch(Architecture::Llama)
+        .write(dir.path(), seed)
+        .expect("write tiny model");
     let (cfg, model) = safetensors_dir::load_model(dir.path(), dtype, &Device::Cpu).expect("load");
     let hash = |s: &str| {
         let hex: String = s
