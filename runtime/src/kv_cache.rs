@@ -211,7 +211,8 @@ impl KvCache {
     }
 
     /// Keep only the sequences `keep` (indices into the current batch, in the new order), e.g. to
-    /// drop finished sequences from a batched decode. Padding columns that no kept sequence needs
+    /// drop finished sequences from a batched decode. An index may repeat: that sequence is copied
+    /// (prompts prefilled once for several requests). Padding columns that no kept sequence needs
     /// are trimmed.
     pub fn retain(&mut self, keep: &[usize]) -> Result<()> {
         if let Some(&bad) = keep.iter().find(|&&b| b >= self.batch()) {

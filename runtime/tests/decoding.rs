@@ -234,6 +234,52 @@ fn batched_generation_equals_one_by_one() {
     }
 }
 
+/// Prompts of very different lengths (prefilled in separate groups and joined) and repeated
+/// prompts (prefilled once, then copied) give what each request gives alone.
+#[test]
+fn uneven_and_repeated_prompts_equal_one_by_one() {
+    for arch in ALL {
+        let model = tiny_model(arch, DType::F32);
+        let vocab = model.config().vocab_size;
+        let cart = model.prefix_kv(None, &tokens(30, 5, vocab)).expect("cart");
+        let sampled = |seed| SamplingParams {
+            temperature: 0.8,
+            top_k: None,
+            top_p: None,
+            seed,
+        };
+        let long = tokens(40, 9, vocab);
+        let reqs = vec![
+            request(long.clone(), 5, sampled(1)),
+            request(tokens(3, 2, vocab), 5, SamplingParams::greedy()),
+            request(long.clone(), 5, sampled(2)),
+            request(tokens(17, 4, vocab), 4, SamplingParams::greedy()),
+            request(tokens(3, 2, vocab), 6, sampled(7)),
+            request(long, 5, SamplingParams::greedy()),
+            request(tokens(41, 11, vocab), 3, SamplingParams::greedy()),
+            request(tokens(38, 12, vocab), 4, sampled(4)),
+        ];
+        let batch = generate_batch(
+            &model,
+            Some(&cart),
+            &reqs,
+            &BatchOptions::default(),
+            |_, _| Control::Continue,
+        )
+        .expect("batch");
+        for (i, r) in reqs.iter().enumerate() {
+            let single = generate(&model, Some(&cart), r, |_| Control::Continue).expect("single");
+            assert_eq!(batch[i].tokens, single.tokens, "{arch:?} request {i}");
+            for (a, b) in batch[i].top_logprobs.iter().zip(&single.top_logprobs) {
+                for ((ia, la), (ib, lb)) in a.iter().zip(b) {
+                    assert_eq!(ia, ib, "{arch:?} request {i}");
+                    assert!((la - lb).abs() < 1e-4, "{arch:?} logprob {la} vs {lb}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn stopping_and_seeded_sampling() {
     let model = tiny_model(cartridge_runtime::models::Architecture::Llama, DType::F32);
