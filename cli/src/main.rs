@@ -86,11 +86,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Whether an error is about the user's input (a corrupt or foreign `.cart`, a model mismatch).
+/// Whether an error is about the user's input (a corrupt or foreign `.cart`, a model mismatch, a
+/// `--device` this binary or machine cannot provide).
 fn is_bad_input(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         cause.is::<cartridge_formats::cart::CartError>()
             || cause.is::<cartridge_runtime::interchange::InterchangeError>()
+            || cause.is::<cartridge_runtime::device::DeviceError>()
             || matches!(
                 cause.downcast_ref::<cartridge_eval::Error>(),
                 Some(cartridge_eval::Error::QaLine { .. })

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use cartridge_runtime::cartridge_file::{load_cartridge, load_soft_prompt};
 use cartridge_runtime::chat_template::ChatMessage;
+use cartridge_runtime::device::{self, DeviceSpec};
 use cartridge_runtime::generate::SamplingParams;
 use cartridge_runtime::loader::{self, LoadedModel};
 use cartridge_runtime::{Path as ComputePath, PrefixKv, PrefixStack, Transformer};
@@ -23,14 +23,19 @@ pub struct ModelArgs {
     /// differ from f32 by the 8-bit quantisation of activations). Prefill and training stay f32.
     #[arg(long)]
     pub quantized: bool,
+    /// Where to compute: cpu, cuda (GPU 0) or cuda:N. CUDA needs a binary built with
+    /// scripts/build-cuda.sh and a machine with an NVIDIA driver.
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = device::parse)]
+    pub device: DeviceSpec,
 }
 
 impl ModelArgs {
-    /// Load the model (the default one unless --model) on the CPU.
+    /// Open `--device`, then load the model (the default one unless --model) onto it. The device
+    /// is opened first so that an unusable one is reported before the model is read.
     pub fn load(&self) -> Result<LoadedModel> {
+        let device = self.device.open()?;
         let path = loader::resolve_model_path(self.model.as_deref())?;
-        loader::load(&path, &Device::Cpu)
-            .with_context(|| format!("loading model {}", path.display()))
+        loader::load(&path, &device).with_context(|| format!("loading model {}", path.display()))
     }
 
     /// The forward for `loaded`, quantised for decoding when asked.
@@ -115,8 +120,9 @@ impl Session {
     /// Load the model, then verify, model-check and resolve the prefix stack.
     pub fn open(model: &ModelArgs, prefix: &PrefixArgs) -> Result<Self> {
         let start = Instant::now();
-        let device = Device::Cpu;
         let loaded = model.load()?;
+        // Cartridges go where the model is: copied there once, here, and reused by every turn.
+        let device = loaded.device.clone();
         let transformer = model.transformer(&loaded)?;
         let mut stack = PrefixStack::new();
         for cart in &prefix.cartridges {

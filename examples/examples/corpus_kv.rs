@@ -1,8 +1,10 @@
 //! Make a cartridge from the KV of a text's first `p` tokens and use it.
 //!
 //! ```sh
-//! cargo run --release -p cartridge-examples --example corpus_kv -- TEXT_FILE OUT.cart [P]
+//! cargo run --release -p cartridge-examples --example corpus_kv -- TEXT_FILE OUT.cart [P] [DEVICE]
 //! ```
+//!
+//! DEVICE is `cpu` (the default), `cuda` or `cuda:N` (built with `--features cuda`).
 //!
 //! The KV of a text, stored post-RoPE at positions 0..p-1, is exactly what a cartridge is; training
 //! starts from it by default (DESIGN.md §5). With it in front, the model's next-token distribution
@@ -12,24 +14,24 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use cartridge_formats::cart::{Compression, Provenance};
 use cartridge_formats::fingerprint::sha256_hex;
 use cartridge_runtime::cartridge_file::{load_cartridge, save_cartridge};
-use cartridge_runtime::{loader, Logits, Path, Transformer};
+use cartridge_runtime::{device, loader, Logits, Path, Transformer};
 
 fn main() -> Result<()> {
     cartridge_runtime::ops::pin_thread_count();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (text_path, out) = match args.as_slice() {
         [t, o, ..] => (PathBuf::from(t), PathBuf::from(o)),
-        _ => bail!("usage: corpus_kv TEXT_FILE OUT.cart [P]"),
+        _ => bail!("usage: corpus_kv TEXT_FILE OUT.cart [P] [DEVICE]"),
     };
     let p: usize = match args.get(2) {
         Some(s) => s.parse().context("P must be a number")?,
         None => 256,
     };
-    let device = Device::Cpu;
+    let device = device::parse(args.get(3).map_or("cpu", String::as_str))?.open()?;
     let loaded = loader::load_default(&device)?;
     let model = Transformer::load(loaded.var_builder(), &loaded.config)?;
     let text = std::fs::read_to_string(&text_path)

@@ -6,6 +6,7 @@ pub mod models;
 
 pub mod cartridge_file;
 pub mod chat_template;
+pub mod device;
 pub mod error;
 pub mod gguf;
 pub mod interchange;

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use cartridge_compiler::plot::{write_scatter, Scatter, ScatterPoint};
 use cartridge_compiler::TrainConfig;
 use cartridge_eval::kl::{select_examples, Selection};
@@ -152,7 +151,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
             select_examples(&ds, loaded.config.vocab_size, selection, args.max_seq_len)?;
     }
 
-    let device = Device::Cpu;
+    // Cartridges and soft prompts go where the model is.
+    let device = loaded.device.clone();
     let cartridges: Vec<(String, PrefixKv)> = args
         .cartridges
         .iter()
