@@ -3,16 +3,18 @@
 # machine, into OUT_DIR/report.md (default bench-out/):
 #   1. runtime vs PyTorch and the physical limits: prefill, decode at batch 1/8/32, cartridge vs
 #      ICL time to first token and KV bytes (scripts/bench_runtime.py);
-#   2. a training step vs PyTorch, p = 256 and 1024, 4 x 256 tokens, peak memory
+#   2. self-study: answer tokens/s at 1/8/32 conversations per chunk, and the same answer-role
+#      requests replayed in PyTorch (scripts/bench_synth.py);
+#   3. a training step vs PyTorch, p = 256 and 1024, 4 x 256 tokens, peak memory
 #      (scripts/bench_train.py);
-#   3. serving: requests/s, tokens/s and time to first token at 1/8/32 clients, cartridge vs ICL
+#   4. serving: requests/s, tokens/s and time to first token at 1/8/32 clients, cartridge vs ICL
 #      (cargo bench -p cartridge-server --bench serve);
-#   4. quality on the example corpus: builds quenmar.cart if OUT_DIR has none (resumable), then
+#   5. quality on the example corpus: builds quenmar.cart if OUT_DIR has none (resumable), then
 #      `cartridge eval` of the bare model, the corpus in context, the corpus cut to the
 #      cartridge's size and the cartridge, on examples/evals/quenmar.jsonl.
 # The PyTorch columns need a Python with torch + transformers + gguf (PYTHON=...; see
 # scripts/bench_runtime.py); without one they stay empty. Run it on a quiet machine: it takes
-# about an hour on 2 cores, most of it the build of step 4. SKIP="runtime train serve quality"
+# about an hour on 2 cores, most of it the build of step 4. SKIP="runtime synth train serve quality"
 # leaves steps out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +38,11 @@ if [[ $skip != *" runtime "* ]]; then
     section "Runtime vs PyTorch" "$py scripts/bench_runtime.py"
     "$py" scripts/bench_runtime.py --out "$out/runtime.md" > /dev/null
     cat "$out/runtime.md" >> "$report"
+fi
+if [[ $skip != *" synth "* ]]; then
+    section "Self-study vs PyTorch" "$py scripts/bench_synth.py"
+    "$py" scripts/bench_synth.py --out "$out/synth.md" > /dev/null
+    cat "$out/synth.md" >> "$report"
 fi
 if [[ $skip != *" train "* ]]; then
     section "Training step vs PyTorch" "$py scripts/bench_train.py"

@@ -103,6 +103,14 @@ fn prefix_of(vb: &VarBuilder) -> String {
 /// quantised beats f32 at batch 8, 73 vs 47 tok/s, and loses at batch 32, 75 vs 134).
 const QUANT_MAX_ROWS: usize = 16;
 
+/// Rows (batch x tokens) up to which an f32 inference matmul on the CPU runs as `(W x^T)^T`.
+/// candle's gemm tiles the rows of its left operand 64 at a time (AVX-512), so `x W^T` with a few
+/// rows leaves most of every tile empty; with W on the left the weight's rows fill the tiles. On
+/// SmolLM2's shapes (2 cores) the projections run 1.45-5.6x faster at 8-32 rows and the LM head
+/// 1.15x, so decoding 8-32 sequences is 1.5-2.1x faster (BENCHMARKS.md); from 64 rows on the LM
+/// head gets slower, and one row is a matrix-vector product either way. The values are the same.
+const SMALL_ROWS: usize = 32;
+
 /// candle 0.11 has SIMD dot products for Q4_0, Q8_0 and the k-quants, but only scalar code for
 /// Q4_1/Q5_0/Q5_1 (4x slower than f32 here). Those are re-quantised once to Q8_0: 8.5 bits per
 /// weight (still 3.8x fewer bytes than f32), with a rounding error below the original 4-5 bits'.
@@ -147,6 +155,10 @@ impl Linear {
         let y = match &self.q {
             Some(q) if path == Path::Infer && rows <= QUANT_MAX_ROWS => {
                 q.forward(&x2.contiguous()?)?
+            }
+            _ if path == Path::Infer && x.device().is_cpu() && (2..=SMALL_ROWS).contains(&rows) => {
+                // (W x^T)^T: see SMALL_ROWS.
+                self.w.matmul(&x2.t()?)?.t()?.contiguous()?
             }
             _ => ops::frozen_linear(&x2, &self.w, path)?,
         };
