@@ -98,9 +98,9 @@ fn prefix_of(vb: &VarBuilder) -> String {
 }
 
 /// Rows (batch x tokens) up to which an inference matmul uses the quantised weight when there is
-/// one. Decoding a few sequences is memory-bound, so reading 4x fewer weight bytes wins; more rows
-/// are compute-bound and candle's f32 gemm is faster than its quantised kernel there (BENCHMARKS.md:
-/// quantised beats f32 at batch 8, 73 vs 47 tok/s, and loses at batch 32, 75 vs 134).
+/// one. Decoding a few sequences is memory-bound, so reading 4x fewer weight bytes wins at batch 1
+/// (BENCHMARKS.md: 69 vs 43 tok/s); at 8 rows the two are level (101 vs 97), and more rows are
+/// compute-bound, where candle's f32 gemm is faster than its quantised kernel.
 const QUANT_MAX_ROWS: usize = 16;
 
 /// Rows (batch x tokens) up to which an f32 inference matmul on the CPU runs as `(W x^T)^T`.
