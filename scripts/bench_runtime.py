@@ -14,8 +14,9 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
+
+from bench_common import load_pytorch_model, write_report
 
 PROMPT_LEN = 16
 STEPS = 16
@@ -33,16 +34,11 @@ def ours():
     return json.loads(out[out.index("{"):])
 
 
-def pytorch(model_dir, model_file):
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM, DynamicCache
-    except ImportError as e:
-        print(f"PyTorch column skipped: {e}", file=sys.stderr)
+def pytorch():
+    loaded = load_pytorch_model()
+    if loaded is None:
         return None
-    torch.set_num_threads(os.cpu_count() or 2)
-    m = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=model_file, torch_dtype=torch.float32)
-    m.eval()
+    torch, m = loaded
     res = {"torch": torch.__version__, "prefill": {}, "decode": {}, "ttft": {}}
 
     def best(reps, f):
@@ -111,11 +107,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="also write the markdown table here")
     args = ap.parse_args()
-    home = os.environ.get("CARTRIDGE_HOME", os.path.expanduser("~/.cache/cartridge"))
-    model_dir, model_file = os.path.join(home, "models"), "SmolLM2-135M-Instruct.Q4_1.gguf"
-
     r = ours()
-    p = pytorch(model_dir, model_file)
+    p = pytorch()
     fmt = lambda v: "-" if v is None else f"{v:.1f}"
     lines = [
         f"Machine: {os.cpu_count()} threads; f32 matmul {r['matmul_gflops']:.0f} GFLOP/s, "
@@ -156,10 +149,7 @@ def main():
         f"2048 tokens of context {r['kv_bytes']['context_2048'] / 2**20:.1f} MiB per sequence.",
     ]
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+from bench_common import load_pytorch_model, write_report
+
 
 def ours(corpus, batches, dump):
     subprocess.run(
@@ -94,16 +96,11 @@ def replay_call(torch, m, call, stop):
         return time.perf_counter() - t0, sum(produced)
 
 
-def pytorch(doc, model_dir, model_file):
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM
-    except ImportError as e:
-        print(f"PyTorch column skipped: {e}", file=sys.stderr)
+def pytorch(doc):
+    loaded = load_pytorch_model()
+    if loaded is None:
         return None
-    torch.set_num_threads(os.cpu_count() or 2)
-    m = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=model_file, torch_dtype=torch.float32)
-    m.eval()
+    torch, m = loaded
     stop = set(doc["stop_tokens"])
     res = {"torch": torch.__version__, "runs": {}}
     for run in doc["runs"]:
@@ -124,12 +121,9 @@ def main():
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--out", help="also write the markdown table here")
     args = ap.parse_args()
-    home = os.environ.get("CARTRIDGE_HOME", os.path.expanduser("~/.cache/cartridge"))
-    model_dir, model_file = os.path.join(home, "models"), "SmolLM2-135M-Instruct.Q4_1.gguf"
-
     with tempfile.TemporaryDirectory() as tmp:
         doc = ours(args.corpus, args.batches, os.path.join(tmp, "calls.json"))
-    p = pytorch(doc, model_dir, model_file)
+    p = pytorch(doc)
     base = doc["runs"][0]
     lines = [
         f"Machine: {os.cpu_count()} threads. PyTorch: {p['torch'] if p else 'not installed'}. "
@@ -160,10 +154,7 @@ def main():
         )
     lines += ["", f"Top-k extraction (k = 20 over the vocabulary) costs {doc['topk_ms']:.2f} ms per answer token."]
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from bench_common import load_pytorch_model, write_report
+
 SHAPES = [(256, 4, 256), (1024, 4, 256)]
 TOP_K = 20
 
@@ -36,15 +38,9 @@ def ours(p, b, t, steps):
 
 def pytorch_child(p, b, t, steps):
     """Runs in a child process: prints one JSON line."""
-    import torch
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import DynamicCache
 
-    torch.set_num_threads(os.cpu_count() or 2)
-    home = os.environ.get("CARTRIDGE_HOME", os.path.expanduser("~/.cache/cartridge"))
-    m = AutoModelForCausalLM.from_pretrained(
-        os.path.join(home, "models"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        torch_dtype=torch.float32)
-    m.eval()
+    torch, m = load_pytorch_model()
     for w in m.parameters():
         w.requires_grad_(False)
     cfg = m.config
@@ -134,10 +130,7 @@ def main():
             f"{o['peak_rss_mb']:.0f} | - |")
         print(lines[-1], file=sys.stderr)
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_report(text, args.out)
 
 
 if __name__ == "__main__":
