@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use candle_core::DType;
 use cartridge_formats::cart::Compression;
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +22,29 @@ pub enum ArtifactKind {
     Kv,
     /// A soft prompt: `tokens` input embeddings.
     SoftPrompt,
+}
+
+/// The precision of the frozen model's forward and backward during training. The trained
+/// parameters (the master copy), the optimiser state and the loss are f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ComputeDtype {
+    /// Everything in f32 (the CPU default; bit-identical reruns).
+    #[default]
+    F32,
+    /// Model weights and activations in bf16, parameters cast to bf16 on every forward (the GPU
+    /// default: half the memory traffic, tensor-core matmuls).
+    Bf16,
+}
+
+impl ComputeDtype {
+    /// The candle dtype of the model's weights and activations.
+    pub fn dtype(self) -> DType {
+        match self {
+            ComputeDtype::F32 => DType::F32,
+            ComputeDtype::Bf16 => DType::BF16,
+        }
+    }
 }
 
 /// Everything that determines the trained bytes.
@@ -65,6 +89,8 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Checkpoint every this many steps (0: only when a run is stopped early).
     pub checkpoint_every: usize,
+    /// Precision of the model's forward and backward (parameters and loss stay f32).
+    pub compute_dtype: ComputeDtype,
 }
 
 impl Default for TrainConfig {
@@ -88,6 +114,7 @@ impl Default for TrainConfig {
             eval_conversations: 16,
             eval_every: 0,
             checkpoint_every: 50,
+            compute_dtype: ComputeDtype::F32,
         }
     }
 }

@@ -54,38 +54,108 @@ impl FusedTopkLoss {
 
     /// Per-row losses and unit gradients of `x: [m, hidden]` (no graph).
     fn compute(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-        let m = x.dim(0)?;
-        let mut losses = Vec::new();
-        let mut grads = Vec::new();
-        let mut start = 0;
-        while start < m {
-            let len = ROW_BLOCK.min(m - start);
-            let xb = x.narrow(0, start, len)?;
-            let ids = self.ids.narrow(0, start, len)?.contiguous()?;
-            let w = self.weights.narrow(0, start, len)?.contiguous()?;
-            let s = self.weight_sums.narrow(0, start, len)?;
-            let z = xb.matmul(&self.lm_head.t()?)?;
-            let max = z.max_keepdim(D::Minus1)?;
-            let e = z.broadcast_sub(&max)?.exp()?;
-            let sum = e.sum_keepdim(D::Minus1)?;
-            let lse = (sum.log()? + &max)?.squeeze(1)?;
-            let picked = (z.gather(&ids, 1)? * &w)?.sum(1)?;
-            losses.push(((lse * &s)? - picked)?);
-            start += len;
-            if !self.with_grad {
-                continue;
-            }
-            // s * softmax(z) - scatter(w): built in place of `e`.
-            let p = e.broadcast_div(&sum)?.broadcast_mul(&s.unsqueeze(1)?)?;
-            let dz = p.scatter_add(&ids, &w.neg()?, 1)?;
-            grads.push(dz.matmul(&self.lm_head)?);
+        blockwise(
+            &self.lm_head,
+            &self.ids,
+            &self.weights,
+            &self.weight_sums,
+            x,
+            self.with_grad,
+        )
+    }
+}
+
+/// The block loop behind both forms: per-row losses `[m]` and, when `with_grad`, the unit
+/// gradient `[m, hidden]` in `x`'s dtype. Logits of half-precision rows are widened to f32 after
+/// the matmul, so the log-sum-exp and softmax run in f32 (`weights` and `weight_sums` must be in
+/// that accumulation dtype: f32, or f64 for f64 rows). Plain tensor ops: any device.
+fn blockwise(
+    lm_head: &Tensor,
+    ids: &Tensor,
+    weights: &Tensor,
+    weight_sums: &Tensor,
+    x: &Tensor,
+    with_grad: bool,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    let m = x.dim(0)?;
+    let acc = accumulation_dtype(x.dtype());
+    let mut losses = Vec::new();
+    let mut grads = Vec::new();
+    let mut start = 0;
+    while start < m {
+        let len = ROW_BLOCK.min(m - start);
+        let xb = x.narrow(0, start, len)?;
+        let ids = ids.narrow(0, start, len)?.contiguous()?;
+        let w = weights.narrow(0, start, len)?.contiguous()?;
+        let s = weight_sums.narrow(0, start, len)?;
+        let z = xb.matmul(&lm_head.t()?)?.to_dtype(acc)?;
+        let max = z.max_keepdim(D::Minus1)?;
+        let e = z.broadcast_sub(&max)?.exp()?;
+        let sum = e.sum_keepdim(D::Minus1)?;
+        let lse = (sum.log()? + &max)?.squeeze(1)?;
+        let picked = (z.gather(&ids, 1)? * &w)?.sum(1)?;
+        losses.push(((lse * &s)? - picked)?);
+        start += len;
+        if !with_grad {
+            continue;
         }
-        let grad = if self.with_grad {
-            Some(Tensor::cat(&grads, 0)?)
-        } else {
-            None
-        };
-        Ok((Tensor::cat(&losses, 0)?, grad))
+        // s * softmax(z) - scatter(w): built in place of `e`.
+        let p = e.broadcast_div(&sum)?.broadcast_mul(&s.unsqueeze(1)?)?;
+        let dz = p.scatter_add(&ids, &w.neg()?, 1)?;
+        grads.push(dz.to_dtype(lm_head.dtype())?.matmul(lm_head)?);
+    }
+    let grad = if with_grad {
+        Some(Tensor::cat(&grads, 0)?)
+    } else {
+        None
+    };
+    Ok((Tensor::cat(&losses, 0)?, grad))
+}
+
+/// f64 stays f64 (gradient checks); everything else accumulates in f32.
+fn accumulation_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// The summed loss of `rows: [m, hidden]` (a scalar in f32, or f64 for f64 rows), computed block
+/// by block like [`FusedTopkLoss`] but from plain tensor ops, so it runs on every device and in
+/// every dtype (the CUDA and bf16 paths). The value and the unit gradient `G` come from the block
+/// loop without a graph; the result is then `loss + (sum(x * G) - sum(detach(x) * G))`: the two
+/// sums are the same numbers, so the value is exactly `loss`, and its gradient with respect to
+/// `x` is exactly `G`. No `[m, vocab]` tensor outlives its block.
+pub fn blockwise_loss_sum(
+    lm_head: &Tensor,
+    ids: &Tensor,
+    weights: &Tensor,
+    weight_sums: &Tensor,
+    rows: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let acc = accumulation_dtype(rows.dtype());
+    let with_grad = rows.track_op();
+    let detached = rows.detach();
+    let (losses, grad) = blockwise(
+        lm_head,
+        ids,
+        &weights.to_dtype(acc)?,
+        &weight_sums.to_dtype(acc)?,
+        &detached,
+        with_grad,
+    )?;
+    let loss = losses.sum_all()?;
+    match grad {
+        Some(g) => {
+            let g = g.to_dtype(acc)?.detach();
+            let live = (rows.to_dtype(acc)? * &g)?.sum_all()?;
+            let constant = (detached.to_dtype(acc)? * &g)?.sum_all()?;
+            // `live - constant` is exactly zero in value (the same reduction twice); adding
+            // it to the loss last keeps the loss exact.
+            Ok((loss + (live - constant)?)?)
+        }
+        None => Ok(loss),
     }
 }
 

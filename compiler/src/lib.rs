@@ -41,7 +41,7 @@ pub mod plot;
 pub mod schedule;
 mod train;
 
-pub use config::{ArtifactKind, RunOptions, TrainConfig};
+pub use config::{ArtifactKind, ComputeDtype, RunOptions, TrainConfig};
 pub use data::PromptSummary;
 pub use error::{Error, Result};
 pub use eval::EvalPoint;

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Example;
 use crate::error::{Error, Result};
-use crate::fused_loss::FusedTopkLoss;
+use crate::fused_loss::{blockwise_loss_sum, FusedTopkLoss};
 
 /// Which loss trains the parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -212,7 +212,8 @@ pub fn loss_sum(
     target_loss_sum(model, &rows, batch)
 }
 
-/// The loss from final-normed hidden states of the target rows `[m, hidden]`.
+/// The loss from final-normed hidden states of the target rows `[m, hidden]` (f32; f64 for f64
+/// rows).
 pub fn target_loss_sum(model: &Transformer, rows: &Tensor, batch: &Batch) -> Result<Tensor> {
     // The fused op where it runs (CPU, f32/f64); the autograd formula elsewhere.
     if rows.device().is_cpu()
@@ -228,7 +229,15 @@ pub fn target_loss_sum(model: &Transformer, rows: &Tensor, batch: &Batch) -> Res
         );
         return Ok(rows.contiguous()?.apply_op1(op)?.sum_all()?);
     }
-    unfused_target_loss_sum(model, rows, batch)
+    // Elsewhere (CUDA, bf16) the same block loop from plain ops, for its memory: autograd would
+    // keep several `[targets, vocab]` f32 tensors until the backward.
+    Ok(blockwise_loss_sum(
+        model.lm_head_weight(),
+        &batch.ids,
+        &batch.weights,
+        &batch.weight_sums,
+        rows,
+    )?)
 }
 
 /// [`target_loss_sum`] with plain autograd ops (every device; the reference for the fused op).

@@ -5,7 +5,7 @@
 //! they carry no gradient and the optimiser never sees them, so they cannot drift (the reference
 //! trainer's attention-sink token, DESIGN.md §5).
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use cartridge_runtime::{PrefixKv, PrefixStack};
 
 use crate::error::{Error, Result};
@@ -151,6 +151,31 @@ impl Params {
         Ok(match self {
             Params::Kv(kv) => PrefixStack::new().with_cartridge(kv.prefix()?),
             Params::Soft(s) => PrefixStack::new().with_soft_prompt(s.embeddings().clone()),
+        })
+    }
+
+    /// [`Self::stack`] cast to `dtype`, the model's compute precision: the parameters stay f32
+    /// (the master copy the optimiser updates) and the cast is part of the graph, so gradients
+    /// come back to them in f32.
+    pub fn stack_in(&self, dtype: DType) -> Result<PrefixStack> {
+        let cast = |t: &Tensor| -> Result<Tensor> {
+            Ok(if t.dtype() == dtype {
+                t.clone()
+            } else {
+                t.to_dtype(dtype)?
+            })
+        };
+        Ok(match self {
+            Params::Kv(kv) => {
+                let layers = kv
+                    .prefix()?
+                    .layers()
+                    .iter()
+                    .map(|(k, v)| Ok((cast(k)?, cast(v)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                PrefixStack::new().with_cartridge(PrefixKv::new(layers)?)
+            }
+            Params::Soft(s) => PrefixStack::new().with_soft_prompt(cast(s.embeddings())?),
         })
     }
 

@@ -179,7 +179,10 @@ fn data_digest(examples: &[Example]) -> String {
 
 /// A detached copy of the resolved prefix (evaluation needs no graph).
 fn eval_prefix(params: &Params, model: &Transformer) -> Result<Option<PrefixKv>> {
-    let Some(p) = params.stack()?.resolve(model, Path::Infer)? else {
+    let Some(p) = params
+        .stack_in(model.dtype())?
+        .resolve(model, Path::Infer)?
+    else {
         return Ok(None);
     };
     let layers = p
@@ -223,9 +226,10 @@ pub fn train(
     let started = Instant::now();
     cfg.validate()?;
     let net = model.transformer;
-    if net.dtype() != DType::F32 {
+    if net.dtype() != cfg.compute_dtype.dtype() {
         return Err(Error::Config(format!(
-            "training runs an f32 model, this one is {:?}",
+            "the settings ask for {:?} compute, the model runs in {:?}",
+            cfg.compute_dtype,
             net.dtype()
         )));
     }
@@ -285,8 +289,9 @@ pub fn train(
         .unwrap_or_else(|| (cfg.epochs * train_ex.len()).div_ceil(cfg.batch_size));
 
     let mut params = match cfg.artifact {
+        // The parameters are f32 whatever the compute precision (the master copy).
         ArtifactKind::Kv => Params::Kv(KvParams::new(
-            &init_kv(net, cfg.tokens, cfg.init, corpus_ids, cfg.seed)?,
+            &init_kv(net, cfg.tokens, cfg.init, corpus_ids, cfg.seed)?.to_dtype(DType::F32)?,
             cfg.frozen_tokens,
         )?),
         ArtifactKind::SoftPrompt => Params::Soft(SoftParams::new(&init_soft_prompt(
@@ -442,7 +447,7 @@ pub fn train(
         let (mut loss, mut tokens) = (0f64, 0usize);
         for chunk in batch_ex.chunks(cfg.micro_batch) {
             let batch = Batch::arrange(chunk, cfg.pack_len, objective, net.device())?;
-            let prefix = params.stack()?.resolve(net, Path::Train)?;
+            let prefix = params.stack_in(net.dtype())?.resolve(net, Path::Train)?;
             let l = loss_sum(net, prefix.as_ref(), &batch, Path::Train)?
                 .affine(1.0 / targets as f64, 0.0)?;
             loss += scalar(&l)?;
@@ -575,7 +580,7 @@ pub fn train(
 }
 
 /// [`train`] for a loaded model (what `cartridge train` and `cartridge build` call): the forward is
-/// built from `loaded`'s weights (shared, not copied). `data` usually comes from
+/// built from `loaded`'s weights in `cfg.compute_dtype` (shared, not copied, when that is f32). `data` usually comes from
 /// [`TrainData::from_dataset`], with a [`PromptSummary`] when a soft prompt carries one.
 pub fn train_loaded(
     cfg: &TrainConfig,
@@ -586,7 +591,10 @@ pub fn train_loaded(
     opts: &RunOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<TrainSummary> {
-    let net = loaded.transformer()?;
+    let net = cartridge_runtime::Transformer::load(
+        loaded.var_builder_dtype(cfg.compute_dtype.dtype()),
+        &loaded.config,
+    )?;
     let model = ModelRef {
         transformer: &net,
         fingerprint: &loaded.fingerprint,

@@ -121,6 +121,16 @@ impl PrefixKv {
         PrefixKv::new(layers)
     }
 
+    /// The same prefix on another device (a copy).
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<PrefixKv> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((k.to_device(device)?, v.to_device(device)?)))
+            .collect::<Result<Vec<_>>>()?;
+        PrefixKv::new(layers)
+    }
+
     /// Slots `start..start + len` of every layer.
     pub fn narrow(&self, start: usize, len: usize) -> Result<PrefixKv> {
         let layers = self

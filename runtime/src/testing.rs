@@ -278,6 +278,25 @@ fn tokenizer_json() -> serde_json::Value {
     })
 }
 
+/// The devices the device-parameterised tests run on: the CPU, then `cuda:0` when this build has
+/// CUDA and a GPU opens. `CARTRIDGE_REQUIRE_CUDA=1` (the GPU check script sets it) turns a GPU
+/// that does not open into a failure, so that a GPU run cannot quietly test only the CPU.
+///
+/// ```
+/// let devices = cartridge_runtime::testing::test_devices();
+/// assert!(devices[0].is_cpu());
+/// ```
+pub fn test_devices() -> Vec<Device> {
+    let mut devices = vec![Device::Cpu];
+    let required = std::env::var("CARTRIDGE_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    match crate::device::DeviceSpec::Cuda(0).open() {
+        Ok(gpu) => devices.push(gpu),
+        Err(e) if required => panic!("CARTRIDGE_REQUIRE_CUDA=1 but cuda:0 does not open: {e}"),
+        Err(_) => {}
+    }
+    devices
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -59,7 +59,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let data = out.with_extension("data");
     let synth_config = args.synth.config(args.num)?;
-    let train_config = args.train.config()?;
+    let train_config = args.train.config(!args.model.device.is_cpu())?;
     let options = args.corpus_args.options();
     let corpus = corpus::ingest(&args.corpus, &options)?;
 

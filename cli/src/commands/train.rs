@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use cartridge_compiler::{
-    ArtifactKind, InitKind, Objective, Progress as TrainProgress, PromptSummary, RunOptions,
-    Schedule, TrainConfig, TrainData, TrainSummary,
+    ArtifactKind, ComputeDtype, InitKind, Objective, Progress as TrainProgress, PromptSummary,
+    RunOptions, Schedule, TrainConfig, TrainData, TrainSummary,
 };
 use cartridge_formats::cart::Compression;
 use cartridge_formats::dataset::{Dataset, ReadOptions};
@@ -88,11 +88,15 @@ pub struct TrainArgs {
     /// Write the .cart zstd-compressed (for distribution; loading decompresses it).
     #[arg(long)]
     pub compress: bool,
+    /// Precision of the model's forward and backward: auto (bf16 on a GPU, f32 on the CPU), f32
+    /// or bf16. The trained parameters, the optimiser state and the loss are f32 either way.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "bf16"])]
+    pub dtype: String,
 }
 
 impl TrainArgs {
-    /// The trainer's configuration.
-    pub fn config(&self) -> Result<TrainConfig> {
+    /// The trainer's configuration; `on_gpu` decides `--dtype auto`.
+    pub fn config(&self, on_gpu: bool) -> Result<TrainConfig> {
         let (artifact, tokens) = match self.soft_prompt {
             Some(n) => (ArtifactKind::SoftPrompt, n),
             None => (ArtifactKind::Kv, self.tokens),
@@ -133,6 +137,10 @@ impl TrainArgs {
             eval_conversations: self.eval_conversations,
             eval_every: self.eval_every,
             checkpoint_every: self.checkpoint_every,
+            compute_dtype: match (self.dtype.as_str(), on_gpu) {
+                ("bf16", _) | ("auto", true) => ComputeDtype::Bf16,
+                _ => ComputeDtype::F32,
+            },
             ..TrainConfig::default()
         })
     }
@@ -272,7 +280,7 @@ pub fn run_training(
     resume: bool,
     json: bool,
 ) -> Result<TrainSummary> {
-    let cfg = train.config()?;
+    let cfg = train.config(!loaded.device.is_cpu())?;
     let opts = RunOptions {
         resume,
         compression: if train.compress {

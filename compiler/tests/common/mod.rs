@@ -24,11 +24,21 @@ pub fn tiny_model(seed: u64, tag: &str) -> (Transformer, ModelFingerprint) {
 
 /// [`tiny_model`] in `dtype` (f64 for finite differences).
 pub fn tiny_model_dtype(seed: u64, tag: &str, dtype: DType) -> (Transformer, ModelFingerprint) {
+    tiny_model_on(seed, tag, dtype, &Device::Cpu)
+}
+
+/// [`tiny_model`] in `dtype` on `device`.
+pub fn tiny_model_on(
+    seed: u64,
+    tag: &str,
+    dtype: DType,
+    device: &Device,
+) -> (Transformer, ModelFingerprint) {
     let dir = tempfile::tempdir().expect("tempdir");
     TinySpec::for_arch(Architecture::Llama)
         .write(dir.path(), seed)
         .expect("write tiny model");
-    let (cfg, model) = safetensors_dir::load_model(dir.path(), dtype, &Device::Cpu).expect("load");
+    let (cfg, model) = safetensors_dir::load_model(dir.path(), dtype, device).expect("load");
     let hash = |s: &str| {
         let hex: String = s
             .bytes()

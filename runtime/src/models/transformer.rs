@@ -632,6 +632,16 @@ impl Transformer {
         Ok((out, kvs))
     }
 
+    /// The dtype attention scores and their softmax are computed in: f32 for half-precision
+    /// models (a bf16 exponential summed over thousands of keys loses the small weights),
+    /// otherwise the model's own.
+    fn score_dtype(&self) -> DType {
+        match self.dtype {
+            DType::F16 | DType::BF16 => DType::F32,
+            d => d,
+        }
+    }
+
     /// Additive mask `[b, 1, 1, t, past + t]` over the cache part (the prefix is always visible),
     /// or `None` when nothing is masked (one new token, no padding).
     fn mask(&self, pads: &[usize], past: usize, t: usize) -> Result<Option<Tensor>> {
@@ -655,7 +665,8 @@ impl Transformer {
                 }
             }
         }
-        let m = Tensor::from_vec(m, (b, 1, 1, t, total), &self.device)?.to_dtype(self.dtype)?;
+        let m =
+            Tensor::from_vec(m, (b, 1, 1, t, total), &self.device)?.to_dtype(self.score_dtype())?;
         Ok(Some(m))
     }
 
@@ -677,7 +688,7 @@ impl Transformer {
                 row[i * t + i] = 0.0;
             }
         }
-        let m = Tensor::from_vec(m, (b, 1, 1, t, t), &self.device)?.to_dtype(self.dtype)?;
+        let m = Tensor::from_vec(m, (b, 1, 1, t, t), &self.device)?.to_dtype(self.score_dtype())?;
         Ok(m)
     }
 
@@ -731,7 +742,8 @@ impl Transformer {
             None => (k.clone(), v.clone()),
         };
         let tc = kc.dim(2)?;
-        let sc = qg.matmul(&kc.t()?)?;
+        let acc = self.score_dtype();
+        let sc = qg.matmul(&kc.t()?)?.to_dtype(acc)?;
         let sc = match mask {
             Some(m) => {
                 sc.reshape((b, kvh, g, t, tc))?
@@ -751,7 +763,10 @@ impl Transformer {
                     .transpose(0, 1)?
                     .contiguous()?
                     .reshape((kvh, b * g * t, d))?;
-                let sp = qp.matmul(&kp.t()?)?.reshape((kvh, b, g * t, pl))?;
+                let sp = qp
+                    .matmul(&kp.t()?)?
+                    .to_dtype(acc)?
+                    .reshape((kvh, b, g * t, pl))?;
                 max = max.maximum(&sp.max_keepdim(D::Minus1)?.transpose(0, 1)?)?;
                 Some(sp)
             }
@@ -760,22 +775,27 @@ impl Transformer {
         // One softmax over prefix ++ cache: a common shift (a constant for the gradient, hence
         // detached), exponentials of both parts, one denominator.
         let max = max.detach();
+        // In half precision the probabilities go back to the model's dtype for the matmul with
+        // V; the denominator and the division stay in the score dtype.
+        let dt = self.dtype;
         let ec = sc.broadcast_sub(&max)?.exp()?;
-        let mut num = ec.matmul(&vc)?;
+        let mut num = ec.to_dtype(dt)?.matmul(&vc)?.to_dtype(acc)?;
         let mut den = ec.sum_keepdim(D::Minus1)?;
         if let (Some(sp), Some((_, vp))) = (sp, prefix) {
             let pl = vp.dim(1)?;
             let ep = sp.broadcast_sub(&max.transpose(0, 1)?)?.exp()?;
             let np = ep
+                .to_dtype(dt)?
                 .reshape((kvh, b * g * t, pl))?
                 .matmul(vp)?
+                .to_dtype(acc)?
                 .reshape((kvh, b, g * t, d))?
                 .transpose(0, 1)?;
             let dp = ep.sum_keepdim(D::Minus1)?.transpose(0, 1)?;
             num = (num + np)?;
             den = (den + dp)?;
         }
-        let out = num.broadcast_div(&den)?;
+        let out = num.broadcast_div(&den)?.to_dtype(dt)?;
         let out = out
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
