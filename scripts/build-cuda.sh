@@ -7,6 +7,8 @@
 #   scripts/build-cuda.sh build -v   # anything after the subcommand goes to cargo
 #   scripts/build-cuda.sh test -p cartridge-runtime [TESTNAME]   # the tests of one package, with
 #                                    # its `cuda` feature (GPU variants run where there is a GPU)
+#   scripts/build-cuda.sh example device_bench   # one example of cartridge-examples
+#                                    # -> target/cuda/release/examples/device_bench
 #
 # The resulting binary runs on CPU-only machines too: it links no CUDA library at build time and
 # opens the driver (libcuda.so.1) and cuBLAS / cuRAND / NVRTC only when `--device cuda` is asked
@@ -36,13 +38,13 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 MODE="${1:-build}"
 case "$MODE" in
-    build | check | test) shift || true ;;
+    build | check | test | example) shift || true ;;
     -h | --help)
         sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *)
-        echo "error: unknown subcommand $MODE (build, check or test; see --help)" >&2
+        echo "error: unknown subcommand $MODE (build, check, test or example; see --help)" >&2
         exit 2
         ;;
 esac
@@ -149,6 +151,8 @@ export CARGO_TARGET_DIR="$OUT"
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$CARTRIDGE_CUDA_LINK_DIR"
 if [ "$MODE" = test ]; then
     CARGO_ARGS=(test --release --features cuda "$@")
+elif [ "$MODE" = example ]; then
+    CARGO_ARGS=(build --release -p cartridge-examples --features cuda --example "$@")
 else
     CARGO_ARGS=("$MODE" --release -p cartridge-cli --features cuda "$@")
 fi
