@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use candle_core::DType;
+use cartridge_compiler::ComputeDtype;
 use cartridge_runtime::cartridge_file::{load_cartridge, load_soft_prompt};
 use cartridge_runtime::chat_template::ChatMessage;
 use cartridge_runtime::device::{self, DeviceSpec};
@@ -27,6 +29,12 @@ pub struct ModelArgs {
     /// scripts/build-cuda.sh and a machine with an NVIDIA driver.
     #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = device::parse)]
     pub device: DeviceSpec,
+    /// Precision of the model's forward: f32, bf16, or auto (bf16 on a GPU, f32 on the CPU).
+    /// Default: auto for `train` and `build`'s training (the cartridge, its optimiser state and
+    /// the loss stay f32), f32 for generation, scoring and self-study, whose log-probabilities
+    /// lose about two digits in bf16. Cartridges are converted when loaded; files stay f32.
+    #[arg(long, value_name = "DTYPE", value_parser = ["auto", "f32", "bf16"])]
+    pub dtype: Option<String>,
 }
 
 impl ModelArgs {
@@ -38,13 +46,34 @@ impl ModelArgs {
         loader::load(&path, &device).with_context(|| format!("loading model {}", path.display()))
     }
 
-    /// The forward for `loaded`, quantised for decoding when asked.
+    /// The forward for `loaded` in the inference precision, quantised for decoding when asked.
     pub fn transformer(&self, loaded: &LoadedModel) -> Result<Transformer> {
+        let dtype = self.inference_dtype()?;
         Ok(if self.quantized {
             loaded.quantized_transformer()?
         } else {
-            loaded.transformer()?
+            Transformer::load(loaded.var_builder_dtype(dtype), &loaded.config)?
         })
+    }
+
+    /// `--dtype` for generation, scoring and self-study: f32 unless asked.
+    pub fn inference_dtype(&self) -> Result<DType> {
+        let dtype = match (self.dtype.as_deref(), self.device.is_cpu()) {
+            (Some("bf16"), _) | (Some("auto"), false) => DType::BF16,
+            _ => DType::F32,
+        };
+        if self.quantized && dtype != DType::F32 {
+            anyhow::bail!("--quantized decodes with the GGUF's own weights: drop --dtype bf16");
+        }
+        Ok(dtype)
+    }
+
+    /// `--dtype` for training: auto (bf16 on a GPU, f32 on the CPU) unless asked.
+    pub fn training_dtype(&self) -> ComputeDtype {
+        match (self.dtype.as_deref(), self.device.is_cpu()) {
+            (Some("bf16"), _) | (None | Some("auto"), false) => ComputeDtype::Bf16,
+            _ => ComputeDtype::F32,
+        }
     }
 }
 

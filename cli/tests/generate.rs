@@ -135,6 +135,48 @@ fn cartridge_of_a_text_equals_the_text_in_the_prompt() {
     );
 }
 
+/// `--dtype bf16` converts the f32 cartridge when loading it and still reads the fact from it;
+/// the log-probs stay close to f32's (bf16 keeps about 3 significant digits of each weight).
+#[test]
+fn a_bf16_model_serves_an_f32_cartridge() {
+    let Some(model) = model_path() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cart = dir.path().join("text.cart");
+    write_text_cartridge(&model, &cart, false);
+    let run = |dtype: &str| {
+        json_of(&cartridge(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--raw",
+            "--prompt",
+            QUESTION,
+            "--max-tokens",
+            "4",
+            "--top-logprobs",
+            "1",
+            "--json",
+            "--dtype",
+            dtype,
+            "--cartridge",
+            cart.to_str().unwrap(),
+        ]))
+    };
+    let (f32_run, bf16_run) = (run("f32"), run("bf16"));
+    assert!(
+        bf16_run["text"].as_str().unwrap().contains("41"),
+        "{}",
+        bf16_run["text"]
+    );
+    let first = |o: &serde_json::Value| o["top_logprobs"][0][0][1].as_f64().unwrap();
+    let diff = (first(&f32_run) - first(&bf16_run)).abs();
+    eprintln!("first-token log-prob, bf16 vs f32: {diff:.4}");
+    assert!(
+        diff < 0.1,
+        "first token's log-prob: f32 {f32_run} vs bf16 {bf16_run}"
+    );
+}
+
 #[test]
 fn foreign_and_corrupt_cartridges_are_refused() {
     let Some(model) = model_path() else { return };

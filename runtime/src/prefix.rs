@@ -221,13 +221,34 @@ impl PrefixStack {
     /// embeddings, so a loss on the logits back-propagates into them. Returns `None` for an empty
     /// stack.
     pub fn resolve(&self, model: &Transformer, path: Path) -> Result<Option<PrefixKv>> {
-        let carts: Vec<&PrefixKv> = self.cartridges.iter().filter(|c| !c.is_empty()).collect();
+        // Files hold f32 (or f16/bf16): the prefix takes the model's compute dtype here, once,
+        // so a bf16 model can serve an f32 cartridge. A no-op when the dtypes already agree.
+        let dtype = model.dtype();
+        let carts: Vec<PrefixKv> = self
+            .cartridges
+            .iter()
+            .filter(|c| !c.is_empty())
+            .map(|c| match c.layers.first() {
+                Some((k, _)) if k.dtype() != dtype => c.to_dtype(dtype),
+                _ => Ok(c.clone()),
+            })
+            .collect::<Result<_>>()?;
         let cart = if carts.is_empty() {
             None
         } else {
-            Some(PrefixKv::concat(&carts)?)
+            Some(PrefixKv::concat(&carts.iter().collect::<Vec<_>>())?)
         };
-        let softs: Vec<&Tensor> = self.soft_prompts.iter().collect();
+        let softs: Vec<Tensor> = self
+            .soft_prompts
+            .iter()
+            .map(|t| {
+                if t.dtype() == dtype {
+                    Ok(t.clone())
+                } else {
+                    t.to_dtype(dtype)
+                }
+            })
+            .collect::<candle_core::Result<_>>()?;
         if softs.is_empty() {
             return Ok(cart);
         }

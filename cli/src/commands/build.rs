@@ -59,7 +59,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let data = out.with_extension("data");
     let synth_config = args.synth.config(args.num)?;
-    let train_config = args.train.config(!args.model.device.is_cpu())?;
+    let train_config = args.train.config(args.model.training_dtype())?;
     let options = args.corpus_args.options();
     let corpus = corpus::ingest(&args.corpus, &options)?;
 
@@ -116,6 +116,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let trained = run_training(
         &args.train,
+        args.model.training_dtype(),
         &loaded,
         &training_data(&data, prompt_summary)?,
         corpus_ids.as_deref(),

@@ -88,15 +88,11 @@ pub struct TrainArgs {
     /// Write the .cart zstd-compressed (for distribution; loading decompresses it).
     #[arg(long)]
     pub compress: bool,
-    /// Precision of the model's forward and backward: auto (bf16 on a GPU, f32 on the CPU), f32
-    /// or bf16. The trained parameters, the optimiser state and the loss are f32 either way.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "bf16"])]
-    pub dtype: String,
 }
 
 impl TrainArgs {
-    /// The trainer's configuration; `on_gpu` decides `--dtype auto`.
-    pub fn config(&self, on_gpu: bool) -> Result<TrainConfig> {
+    /// The trainer's configuration, computing in `compute_dtype` (the model's `--dtype`).
+    pub fn config(&self, compute_dtype: ComputeDtype) -> Result<TrainConfig> {
         let (artifact, tokens) = match self.soft_prompt {
             Some(n) => (ArtifactKind::SoftPrompt, n),
             None => (ArtifactKind::Kv, self.tokens),
@@ -137,10 +133,7 @@ impl TrainArgs {
             eval_conversations: self.eval_conversations,
             eval_every: self.eval_every,
             checkpoint_every: self.checkpoint_every,
-            compute_dtype: match (self.dtype.as_str(), on_gpu) {
-                ("bf16", _) | ("auto", true) => ComputeDtype::Bf16,
-                _ => ComputeDtype::F32,
-            },
+            compute_dtype,
             ..TrainConfig::default()
         })
     }
@@ -223,7 +216,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 .clone()
                 .context("--summary needs a chat model (this one has no chat template)")?;
             let mut backend = LocalBackend::from_parts(
-                loaded.transformer()?,
+                args.model.transformer(&loaded)?,
                 loaded.tokenizer.clone(),
                 template,
                 loaded.fingerprint.clone(),
@@ -235,6 +228,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let summary = run_training(
         &args.train,
+        args.model.training_dtype(),
         &loaded,
         &training_data(&args.data, prompt_summary)?,
         corpus_ids.as_deref(),
@@ -273,6 +267,7 @@ pub fn training_data(data: &Path, summary: Option<PromptSummary>) -> Result<Trai
 /// Train with a progress display; shared with `build`.
 pub fn run_training(
     train: &TrainArgs,
+    compute_dtype: ComputeDtype,
     loaded: &LoadedModel,
     train_data: &TrainData,
     corpus_ids: Option<&[u32]>,
@@ -280,7 +275,7 @@ pub fn run_training(
     resume: bool,
     json: bool,
 ) -> Result<TrainSummary> {
-    let cfg = train.config(!loaded.device.is_cpu())?;
+    let cfg = train.config(compute_dtype)?;
     let opts = RunOptions {
         resume,
         compression: if train.compress {
