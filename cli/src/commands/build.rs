@@ -115,13 +115,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         None
     };
     let trained = run_training(
-        &args.train,
-        args.model.training_dtype(),
+        &train_config,
+        &args.train.run_options(args.resume),
         &loaded,
         &training_data(&data, prompt_summary)?,
         corpus_ids.as_deref(),
         &out,
-        args.resume,
         args.json,
     )?;
     if args.json {

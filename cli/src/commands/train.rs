@@ -91,6 +91,19 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// How the run writes and resumes: `--compress`, and `resume`.
+    pub fn run_options(&self, resume: bool) -> RunOptions {
+        RunOptions {
+            resume,
+            compression: if self.compress {
+                Compression::Zstd
+            } else {
+                Compression::None
+            },
+            ..RunOptions::default()
+        }
+    }
+
     /// The trainer's configuration, computing in `compute_dtype` (the model's `--dtype`).
     pub fn config(&self, compute_dtype: ComputeDtype) -> Result<TrainConfig> {
         let (artifact, tokens) = match self.soft_prompt {
@@ -227,13 +240,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         _ => None,
     };
     let summary = run_training(
-        &args.train,
-        args.model.training_dtype(),
+        &args.train.config(args.model.training_dtype())?,
+        &args.train.run_options(args.resume),
         &loaded,
         &training_data(&args.data, prompt_summary)?,
         corpus_ids.as_deref(),
         &args.out,
-        args.resume,
         args.json,
     )?;
     print_summary(&summary, args.json)?;
@@ -266,33 +278,22 @@ pub fn training_data(data: &Path, summary: Option<PromptSummary>) -> Result<Trai
 
 /// Train with a progress display; shared with `build`.
 pub fn run_training(
-    train: &TrainArgs,
-    compute_dtype: ComputeDtype,
+    cfg: &TrainConfig,
+    opts: &RunOptions,
     loaded: &LoadedModel,
     train_data: &TrainData,
     corpus_ids: Option<&[u32]>,
     out: &Path,
-    resume: bool,
     json: bool,
 ) -> Result<TrainSummary> {
-    let cfg = train.config(compute_dtype)?;
-    let opts = RunOptions {
-        resume,
-        compression: if train.compress {
-            Compression::Zstd
-        } else {
-            Compression::None
-        },
-        ..RunOptions::default()
-    };
     let mut bar: Option<Progress> = None;
     let summary = cartridge_compiler::train_loaded(
-        &cfg,
+        cfg,
         loaded,
         train_data,
         corpus_ids,
         out,
-        &opts,
+        opts,
         &mut |p: &TrainProgress| match p {
             TrainProgress::Started {
                 start_step,
