@@ -108,17 +108,85 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// On the training path, candle's matmul backward computes the weight's gradient too, even for a
 /// constant weight (candle-core `backprop.rs`, `Op::Matmul`): a third of the linear layers'
 /// backward FLOPs wasted, and for the LM head a `[vocab, hidden]` product per step (DESIGN.md §3).
-/// [`FrozenLinear`] is a custom op whose backward returns only the input's gradient. It runs on
-/// the CPU in f32/f64; elsewhere (CUDA, half types) the plain matmul is used.
+/// On the training path the product is a custom op whose backward returns only the input's
+/// gradient: [`FrozenLinear`] (our own gemm) on the CPU in f32/f64, [`FrozenWeightLinear`] (the
+/// backend's own matmul: cuBLAS on CUDA) everywhere else.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, path: Path) -> Result<Tensor> {
-    let custom = path == Path::Train
-        && x.device().is_cpu()
-        && matches!(x.dtype(), DType::F32 | DType::F64)
-        && x.dtype() == w.dtype();
-    if custom {
+    if path == Path::Infer {
+        return Ok(x.matmul(&w.t()?)?);
+    }
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == w.dtype()
+    {
         Ok(x.apply_op2(w, FrozenLinear)?)
     } else {
-        Ok(x.matmul(&w.t()?)?)
+        Ok(x.apply_op1(FrozenWeightLinear { w: w.clone() })?)
+    }
+}
+
+/// `x W^T` as an op of `x` alone, the frozen weight `[out, in]` held inside, so that autograd
+/// sees no path to the weight and its backward is one product, `grad W`. The forward is the
+/// backend's own matmul (`BackendStorage::matmul`, the call `Tensor::matmul` makes), so it runs
+/// wherever candle's matmul does, in any dtype, with the same layouts accepted.
+#[derive(Debug, Clone)]
+pub struct FrozenWeightLinear {
+    /// The frozen weight `[out, in]`.
+    pub w: Tensor,
+}
+
+impl FrozenWeightLinear {
+    fn xwt<S: candle_core::backend::BackendStorage>(
+        x: &S,
+        lx: &candle_core::Layout,
+        w: &S,
+        lw: &candle_core::Layout,
+    ) -> candle_core::Result<(S, candle_core::Shape)> {
+        let (rows, inp) = lx.shape().dims2()?;
+        let (out, inp2) = lw.shape().dims2()?;
+        if inp != inp2 {
+            candle_core::bail!("frozen-linear: x is [{rows}, {inp}], w is [{out}, {inp2}]");
+        }
+        let y = x.matmul(w, (1, rows, out, inp), lx, &lw.transpose(0, 1)?)?;
+        Ok((y, (rows, out).into()))
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenWeightLinear {
+    fn name(&self) -> &'static str {
+        "frozen-weight-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (w, lw) = self.w.storage_and_layout();
+        match &*w {
+            candle_core::Storage::Cpu(w) => Self::xwt(s, l, w, lw),
+            _ => candle_core::bail!("frozen-linear: the weight is not on the input's device"),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let (w, lw) = self.w.storage_and_layout();
+        match &*w {
+            candle_core::Storage::Cuda(w) => Self::xwt(s, l, w, lw),
+            _ => candle_core::bail!("frozen-linear: the weight is not on the input's device"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // d(x W^T)/dx = grad W, and nothing for the weight.
+        Ok(Some(grad.matmul(&self.w)?))
     }
 }
 
@@ -445,6 +513,37 @@ mod tests {
             panic!("no input gradient");
         };
         assert!((ga - gb)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
+        Ok(())
+    }
+
+    /// The backend-generic op (the CUDA and half-precision training path), run on the CPU: the
+    /// same values as a matmul, and the same input gradient, for strided operands, in f32 and bf16.
+    #[test]
+    fn frozen_weight_linear_matches_matmul_in_value_and_input_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 5e-2)] {
+            let x0 = Tensor::randn(0f32, 1.0, (7, 5), &dev)?.to_dtype(dtype)?;
+            let x = candle_core::Var::from_tensor(&x0)?;
+            let w = Tensor::randn(0f32, 1.0, (5, 3), &dev)?
+                .to_dtype(dtype)?
+                .t()?;
+            let xs = x.as_tensor().t()?.contiguous()?.t()?;
+            let a = xs.apply_op1(FrozenWeightLinear { w: w.clone() })?;
+            let b = xs.matmul(&w.t()?)?;
+            let diff = |p: &Tensor, q: &Tensor| -> Result<f32> {
+                Ok((p.to_dtype(DType::F32)? - q.to_dtype(DType::F32)?)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?)
+            };
+            assert!(diff(&a, &b)? < tol, "{dtype:?} forward");
+            let ga = a.sum_all()?.backward()?;
+            let gb = b.sum_all()?.backward()?;
+            let (Some(ga), Some(gb)) = (ga.get(x.as_tensor()), gb.get(x.as_tensor())) else {
+                panic!("no input gradient");
+            };
+            assert!(diff(ga, gb)? < tol, "{dtype:?} gradient");
+        }
         Ok(())
     }
 
