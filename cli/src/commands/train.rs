@@ -48,7 +48,8 @@ pub struct TrainArgs {
     /// Loss: distill (teacher top-k) or tokens (next-token prediction, for ablations).
     #[arg(long, default_value = "distill", value_parser = ["distill", "tokens"])]
     pub objective: String,
-    /// Learning rate (Adam, weight decay 0).
+    /// Learning rate (Adam, weight decay 0). The reference trainer uses 2e-2 over long GPU runs;
+    /// the default suits the short CPU runs of `build` (BENCHMARKS.md, "Training").
     #[arg(long, default_value_t = TrainConfig::default().lr)]
     pub lr: f64,
     /// Warm up linearly over this many steps, then decay with a half cosine (0: constant rate).
