@@ -4,7 +4,7 @@
 # (default gpu-out/): tests.log, parity.json, bench.jsonl, torch.jsonl and report.md.
 #
 #   scripts/gpu-check.sh [OUT_DIR]                # on a GPU machine with cargo: builds, then runs
-#   scripts/gpu-check.sh --prepare DIR            # here: build the CUDA binaries into DIR (stripped)
+#   scripts/gpu-check.sh --prepare DIR            # here: build the CUDA binaries into DIR (gzipped)
 #   CARTRIDGE_GPU_BIN=DIR scripts/gpu-check.sh    # there: run binaries prepared with --prepare
 #                                                 # (a GPU machine without cargo or internet)
 #   GPU_CHECK_DEVICE=cpu scripts/gpu-check.sh     # the same steps on the CPU, smoke-sized (tests
@@ -46,6 +46,9 @@ for line in open(sys.argv[1]):
     cp "$ROOT/target/cuda/release/examples/device_bench" "$dir/device_bench"
     cp "$cli" "$dir/cartridge"
     strip "$dir/devices" "$dir/device_bench" "$dir/cartridge"
+    # Stripped, each is about 60 MB (candle's CUDA kernels inside); gzip -9 takes each to about
+    # 15 MB, so the three fit a 64 MiB transfer.
+    gzip -9 -f "$dir/devices" "$dir/device_bench" "$dir/cartridge"
     du -sh "$dir"/*
     exit 0
 fi
@@ -102,6 +105,14 @@ fi
 # The binaries: prepared ones, or built here.
 if [ -n "${CARTRIDGE_GPU_BIN:-}" ]; then
     BIN="$CARTRIDGE_GPU_BIN"
+    if [ -f "$BIN/devices.gz" ]; then
+        # As --prepare wrote them: unpack next to the report.
+        mkdir -p "$OUT/bin"
+        for b in devices device_bench cartridge; do
+            gzip -dc "$BIN/$b.gz" >"$OUT/bin/$b" && chmod +x "$OUT/bin/$b"
+        done
+        BIN="$OUT/bin"
+    fi
     run_tests() { "$BIN/devices" --test-threads 1; }
 elif [ "$DEVICE" = cpu ]; then
     cargo build --release -q -p cartridge-cli -p cartridge-examples --example device_bench || exit 1
