@@ -49,4 +49,6 @@ pub use init::InitKind;
 pub use objective::Objective;
 pub use optim::{Adam, AdamParams};
 pub use schedule::Schedule;
-pub use train::{train, train_loaded, ModelRef, Progress, StepInfo, TrainData, TrainSummary};
+pub use train::{
+    step_gradients, train, train_loaded, ModelRef, Progress, StepInfo, TrainData, TrainSummary,
+};

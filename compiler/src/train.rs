@@ -209,6 +209,38 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(f64::from(t.to_dtype(DType::F32)?.to_scalar::<f32>()?))
 }
 
+/// One optimiser step's gradients: the loss of each micro-batch (scaled by `1 / targets`, the
+/// step's target count) back-propagated after a fresh prefix from `params`, summed per variable
+/// in [`Params::vars`] order. Returns (gradients, the step's loss, real tokens seen).
+pub fn step_gradients(
+    net: &Transformer,
+    params: &Params,
+    batches: impl IntoIterator<Item = Result<Batch>>,
+    targets: usize,
+) -> Result<(Vec<Option<Tensor>>, f64, usize)> {
+    let vars = params.vars();
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let (mut loss, mut tokens) = (0f64, 0usize);
+    for batch in batches {
+        let batch = batch?;
+        let prefix = params.stack_in(net.dtype())?.resolve(net, Path::Train)?;
+        let l = loss_sum(net, prefix.as_ref(), &batch, Path::Train)?
+            .affine(1.0 / targets as f64, 0.0)?;
+        loss += scalar(&l)?;
+        tokens += batch.real_tokens;
+        let store = l.backward()?;
+        for (acc, var) in grads.iter_mut().zip(&vars) {
+            if let Some(g) = store.get(var.as_tensor()) {
+                *acc = Some(match acc.take() {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+    }
+    Ok((grads, loss, tokens))
+}
+
 /// Train `cfg.artifact` for `model` on `data` and write it to `out`.
 ///
 /// `corpus_ids` are the corpus's tokens for [`crate::InitKind::CorpusText`] (the first
@@ -443,25 +475,10 @@ pub fn train(
         let idx = data::step_indices(step, cfg.batch_size, train_ex.len(), cfg.seed);
         let batch_ex: Vec<&Example> = idx.iter().map(|&i| train_ex[i]).collect();
         let targets: usize = batch_ex.iter().map(|e| e.num_targets()).sum();
-        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let (mut loss, mut tokens) = (0f64, 0usize);
-        for chunk in batch_ex.chunks(cfg.micro_batch) {
-            let batch = Batch::arrange(chunk, cfg.pack_len, objective, net.device())?;
-            let prefix = params.stack_in(net.dtype())?.resolve(net, Path::Train)?;
-            let l = loss_sum(net, prefix.as_ref(), &batch, Path::Train)?
-                .affine(1.0 / targets as f64, 0.0)?;
-            loss += scalar(&l)?;
-            tokens += batch.real_tokens;
-            let store = l.backward()?;
-            for (acc, var) in grads.iter_mut().zip(&vars) {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    *acc = Some(match acc.take() {
-                        Some(a) => (a + g)?,
-                        None => g.clone(),
-                    });
-                }
-            }
-        }
+        let batches = batch_ex
+            .chunks(cfg.micro_batch)
+            .map(|chunk| Batch::arrange(chunk, cfg.pack_len, objective, net.device()));
+        let (grads, loss, tokens) = step_gradients(net, &params, batches, targets)?;
         let lr = cfg.schedule.lr(cfg.lr, step, total_steps);
         adam.update(&grads, lr)?;
         let info = StepInfo {

@@ -34,14 +34,14 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use cartridge_compiler::data::Example;
-use cartridge_compiler::objective::{loss_sum, Batch};
+use cartridge_compiler::objective::Batch;
 use cartridge_compiler::params::{KvParams, Params};
-use cartridge_compiler::{Adam, AdamParams, Objective};
+use cartridge_compiler::{step_gradients, Adam, AdamParams, Objective};
 use cartridge_runtime::generate::{
     generate_batch, BatchOptions, Control, GenerateRequest, SamplingParams,
 };
 use cartridge_runtime::models::{Architecture, ModelConfig};
-use cartridge_runtime::{device, Path, PrefixKv, Transformer};
+use cartridge_runtime::{device, PrefixKv, Transformer};
 use serde_json::{json, Value};
 
 /// Shapes of one run.
@@ -389,8 +389,7 @@ fn train_row(net: &Transformer, p: usize, s: &Scale, tflops: f64) -> Result<Valu
         .prefix_kv(None, &random_ids(cfg, p, 3))?
         .to_dtype(DType::F32)?;
     let params = Params::Kv(KvParams::new(&init, 1)?);
-    let vars = params.vars();
-    let mut adam = Adam::new(vars.clone(), AdamParams::default())?;
+    let mut adam = Adam::new(params.vars(), AdamParams::default())?;
     let examples: Vec<Example> = (0..b)
         .map(|i| Example {
             tokens: random_ids(cfg, t, 10 + i as u64),
@@ -404,29 +403,12 @@ fn train_row(net: &Transformer, p: usize, s: &Scale, tflops: f64) -> Result<Valu
     let refs: Vec<&Example> = examples.iter().collect();
     let mut micro = b;
     loop {
-        let batches: Vec<Batch> = refs
-            .chunks(micro)
-            .map(|c| Batch::new(c, Objective::Distill, net.device()))
-            .collect::<Result<_, _>>()?;
         let mut last_loss = 0f64;
         let mut step = || -> Result<()> {
-            let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
-            let mut loss = 0f64;
-            for batch in &batches {
-                let prefix = params.stack_in(net.dtype())?.resolve(net, Path::Train)?;
-                let l = loss_sum(net, prefix.as_ref(), batch, Path::Train)?
-                    .affine(1.0 / (b * t) as f64, 0.0)?;
-                loss += l.to_scalar::<f32>()? as f64;
-                let store = l.backward()?;
-                for (acc, var) in grads.iter_mut().zip(&vars) {
-                    if let Some(g) = store.get(var.as_tensor()) {
-                        *acc = Some(match acc.take() {
-                            Some(a) => (a + g)?,
-                            None => g.clone(),
-                        });
-                    }
-                }
-            }
+            let batches = refs
+                .chunks(micro)
+                .map(|c| Batch::new(c, Objective::Distill, net.device()));
+            let (grads, loss, _) = step_gradients(net, &params, batches, b * t)?;
             adam.update(&grads, 2e-2)?;
             last_loss = loss;
             Ok(())
