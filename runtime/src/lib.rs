@@ -14,6 +14,7 @@ pub mod loader;
 pub mod model_fingerprint;
 pub mod tokenizer;
 
+pub mod attention;
 pub mod batch_decoder;
 pub mod generate;
 pub mod kv_cache;

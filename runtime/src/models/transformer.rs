@@ -10,6 +10,9 @@
 //!   copied per sequence nor concatenated with the cache.
 //! - Grouped-query attention never repeats K/V: queries are reshaped to
 //!   `[b, kv_heads, groups * t, d]` so one KV head serves its group in one matmul.
+//! - On the CPU in f32/f64, a forward of several tokens (prefill, training, scoring) runs
+//!   attention as one fused op with its own backward ([`crate::attention`]); decoding one token
+//!   per sequence, and other devices and dtypes, use the composed ops.
 //! - [`Path::Train`] uses only differentiable ops so gradients reach prefix K/V and soft prompts;
 //!   [`Path::Infer`] uses candle's fused RMSNorm and RoPE.
 //!
@@ -33,16 +36,26 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
+use crate::attention::{self, Visibility};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::models::config::{Architecture, ModelConfig};
 use crate::ops::{self, Path, RopeScaling, RopeTables};
 use crate::prefix::PrefixKv;
+
+/// How a forward's attention knows what each query may see.
+enum Masking {
+    /// The fused CPU op ([`attention::attention`]), told by ranges.
+    Fused(Arc<Visibility>),
+    /// Composed candle ops with an additive mask (`None`: nothing masked).
+    Additive(Option<Tensor>),
+}
 
 /// The architecture-specific switches of the shared decoder.
 #[derive(Debug, Clone, Copy)]
@@ -576,9 +589,19 @@ impl Transformer {
                 .collect();
             self.rope.gather(&positions)?
         };
-        let mask = match packed {
-            Some(segments) => Some(self.packed_mask(segments, t)?),
-            None => self.mask(&pads, past, t)?,
+        // Several new tokens on the CPU: the fused attention op (no score tensors, skipped masked
+        // blocks). One token per sequence (decoding) keeps the composed ops, which read a shared
+        // prefix without joining it to each sequence's cache.
+        let masking = if t > 1 && attention::supported(&self.device, self.dtype) {
+            Masking::Fused(Arc::new(match packed {
+                Some(segments) => Visibility::packed(segments, t),
+                None => Visibility::causal(&pads, past, t),
+            }))
+        } else {
+            Masking::Additive(match packed {
+                Some(segments) => Some(self.packed_mask(segments, t)?),
+                None => self.mask(&pads, past, t)?,
+            })
         };
 
         let mut x = x;
@@ -593,7 +616,7 @@ impl Transformer {
                 pl,
                 cache.as_deref_mut().map(|c| (c, li)),
                 (&cos, &sin),
-                mask.as_ref(),
+                &masking,
                 path,
             )?;
             if collect_kv {
@@ -700,7 +723,7 @@ impl Transformer {
         prefix: Option<(&Tensor, &Tensor)>,
         cache: Option<(&mut KvCache, usize)>,
         (cos, sin): (&Tensor, &Tensor),
-        mask: Option<&Tensor>,
+        masking: &Masking,
         path: Path,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let cfg = &self.cfg;
@@ -740,6 +763,16 @@ impl Transformer {
         let (kc, vc) = match cache {
             Some((c, li)) => c.append(li, &k, &v)?,
             None => (k.clone(), v.clone()),
+        };
+        let mask = match masking {
+            Masking::Fused(vis) => {
+                let out = attention::attention(&qg, prefix, &kc, &vc, vis)?
+                    .reshape((b, h, t, d))?
+                    .transpose(1, 2)?
+                    .reshape((b, t, h * d))?;
+                return Ok((layer.o.forward(&out, path)?, k, v));
+            }
+            Masking::Additive(mask) => mask.as_ref(),
         };
         let tc = kc.dim(2)?;
         let acc = self.score_dtype();
