@@ -52,6 +52,7 @@ pub const EXIT_BAD_INPUT: u8 = 2;
 fn main() -> ExitCode {
     // Before any thread starts: candle otherwise re-reads /proc/cpuinfo on every op.
     cartridge_runtime::ops::pin_thread_count();
+    cartridge_runtime::malloc::keep_freed_memory();
     let argv = match config_file::expand::<Cli>(std::env::args_os().collect()) {
         Ok(argv) => argv,
         Err(e) => {

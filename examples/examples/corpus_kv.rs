@@ -22,6 +22,7 @@ use cartridge_runtime::{device, loader, Logits, Path, Transformer};
 
 fn main() -> Result<()> {
     cartridge_runtime::ops::pin_thread_count();
+    cartridge_runtime::malloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (text_path, out) = match args.as_slice() {
         [t, o, ..] => (PathBuf::from(t), PathBuf::from(o)),

@@ -74,6 +74,7 @@ fn read_bandwidth() -> f64 {
 
 fn main() -> anyhow::Result<()> {
     cartridge_runtime::ops::pin_thread_count();
+    cartridge_runtime::malloc::keep_freed_memory();
     let dev = Device::Cpu;
     let path = loader::resolve_model_path(None)?;
     let m = loader::load(&path, &dev)?;

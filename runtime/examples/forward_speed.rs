@@ -13,7 +13,10 @@ use cartridge_runtime::{loader, Logits, Path, PrefixKv, Transformer};
 
 fn main() -> anyhow::Result<()> {
     cartridge_runtime::ops::pin_thread_count();
-    // `FORWARD_SPEED=decode` runs only the batch-1 decode (for profiling).
+    cartridge_runtime::malloc::keep_freed_memory();
+    // `FORWARD_SPEED=decode` runs only the batch-1 decode, `prefill` only the prefills (for
+    // profiling and A/B runs).
+    let only_prefill = std::env::var("FORWARD_SPEED").is_ok_and(|v| v == "prefill");
     let only_decode = std::env::var("FORWARD_SPEED").is_ok_and(|v| v == "decode");
     let only_train = std::env::var("FORWARD_SPEED").is_ok_and(|v| v == "train");
     let arg = std::env::args().nth(1).map(std::path::PathBuf::from);
@@ -46,13 +49,21 @@ fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    for n in [512usize, 2048].into_iter().filter(|_| !only_train) {
+    let sizes = if only_prefill {
+        vec![512usize, 2048, 512, 2048]
+    } else {
+        vec![512, 2048]
+    };
+    for n in sizes.into_iter().filter(|_| !only_train) {
         let ids = Tensor::from_vec(toks(n, 1), (1, n), &dev)?;
         let mut cache = net.new_cache(1);
         let t = Instant::now();
         net.forward(None, Some(&mut cache), &ids, Logits::Last, Path::Infer)?;
         let s = t.elapsed().as_secs_f64();
         println!("prefill {n}: {:.2} s, {:.0} tok/s", s, n as f64 / s);
+    }
+    if only_prefill {
+        return Ok(());
     }
     let cart = net.prefix_kv(None, &toks(256, 2))?;
     let ctx = net.prefix_kv(None, &toks(if only_train { 8 } else { 2048 }, 3))?;

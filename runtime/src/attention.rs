@@ -171,7 +171,9 @@ struct FusedAttention {
 }
 
 /// The element types the kernel runs in.
-trait Elem: WithDType + num_traits::Float + Send + Sync {
+trait Elem:
+    WithDType + num_traits::Float + std::ops::AddAssign + std::ops::MulAssign + Send + Sync
+{
     /// `exp(x)` for `x <= 0` (scores minus their row maximum).
     fn exp_nonpositive(self) -> Self;
 }
@@ -199,16 +201,20 @@ impl Elem for f64 {
 fn exp_f32(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23
     let x = x.max(-87.0);
-    // Round to nearest by the 1.5 * 2^23 trick (exact for |z| < 2^22).
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    // Adding 1.5 * 2^23 rounds x log2(e) to the nearest integer n and leaves it in the low
+    // mantissa bits of `t` (exact for |n| < 2^22): `t.to_bits() = 0x4B40_0000 + n`, from which
+    // 2^n's exponent bits follow in integer arithmetic (a float-to-int cast would not vectorise).
+    let t = x * std::f32::consts::LOG2_E + SHIFT;
+    let n = t - SHIFT;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    p * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23)
 }
 
 /// `dst[m x n] (+)= a[m x k] b[k x n]`, each operand given by its row and column strides; the
@@ -270,6 +276,37 @@ fn mm<T: Elem>(
             gemm::Parallelism::None,
         );
     }
+}
+
+/// Lanes of the reductions below: float sums and maxima only vectorise when written as
+/// independent accumulators (the compiler may not reorder a single chain).
+const LANES: usize = 16;
+
+fn lane_max<T: Elem>(xs: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(T::neg_infinity(), |m, &x| if x > m { x } else { m });
+    acc.iter().fold(tail, |m, &x| if x > m { x } else { m })
+}
+
+fn lane_sum<T: Elem>(xs: &[T]) -> T {
+    let mut acc = [T::zero(); LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    let tail = chunks.remainder().iter().fold(T::zero(), |s, &x| s + x);
+    acc.iter().fold(tail, |s, &x| s + x)
 }
 
 /// One block of queries of one (sequence, query head): where its keys are.
@@ -357,21 +394,16 @@ impl<'a, T: Elem> Block<'a, T> {
             own[..a].fill(T::zero());
             own[b..].fill(T::zero());
             let own = &mut own[a..b];
-            let max = pre
-                .iter()
-                .chain(own.iter())
-                .fold(T::neg_infinity(), |m, &x| num_traits::Float::max(m, x));
-            let mut sum = T::zero();
+            let max = num_traits::Float::max(lane_max(pre), lane_max(own));
             for part in [&mut *pre, &mut *own] {
                 for x in part.iter_mut() {
                     *x = (*x - max).exp_nonpositive();
-                    sum = sum + *x;
                 }
             }
-            let inv = sum.recip();
+            let inv = (lane_sum(pre) + lane_sum(own)).recip();
             for part in [pre, own] {
                 for x in part.iter_mut() {
-                    *x = *x * inv;
+                    *x *= inv;
                 }
             }
         }
@@ -525,7 +557,7 @@ fn backward<T: Elem>(
         let head = kh * rows * d;
         for (dst, src) in [(&mut dk, &dkp), (&mut dv, &dvp)] {
             for (x, &y) in dst[head..head + p * d].iter_mut().zip(src) {
-                *x = *x + y;
+                *x += y;
             }
         }
         let own = head + (p + bi * slots) * d;

@@ -16,8 +16,10 @@ pub mod tokenizer;
 
 pub mod attention;
 pub mod batch_decoder;
+pub mod fused;
 pub mod generate;
 pub mod kv_cache;
+pub mod malloc;
 pub mod ops;
 pub mod prefix;
 pub mod safetensors_dir;

@@ -36,6 +36,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Ten
             let x = x.contiguous()?;
             Ok(candle_nn::ops::rms_norm(&x, weight, eps as f32)?)
         }
+        Path::Train if crate::fused::supported(x.device(), x.dtype()) => {
+            crate::fused::rms_norm(x, weight, eps)
+        }
         Path::Train => {
             let dtype = x.dtype();
             // Accumulate in f32 for half types, as the fused kernel does, so both paths agree.
@@ -78,6 +81,15 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, path: Path) -> Result<Tensor
             Ok(Tensor::cat(&[&r1, &r2], D::Minus1)?)
         }
     }
+}
+
+/// The SwiGLU gate `silu(gate) * up` (differentiable on both paths): one fused pass on the CPU
+/// in f32/f64, else `gate * sigmoid(gate) * up` from candle ops.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if crate::fused::supported(gate.device(), gate.dtype()) {
+        return crate::fused::swiglu(gate, up);
+    }
+    Ok(((gate * candle_nn::ops::sigmoid(gate)?)? * up)?)
 }
 
 /// Softmax over the last dimension.

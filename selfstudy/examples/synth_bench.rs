@@ -74,6 +74,8 @@ impl Backend for Recording<'_> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    cartridge_runtime::ops::pin_thread_count();
+    cartridge_runtime::malloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let corpus_path = args.get(1).map_or("formats/SPEC.md", String::as_str);
     let batches: Vec<usize> = args

@@ -314,6 +314,7 @@ impl Drop for ChildServer {
 
 fn main() -> Result<()> {
     cartridge_runtime::ops::pin_thread_count();
+    cartridge_runtime::malloc::keep_freed_memory();
     let o = parse_args()?;
     let path = loader::resolve_model_path(o.model.as_deref())?;
     if let Some(dir) = &o.serve_child {

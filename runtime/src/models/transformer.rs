@@ -630,10 +630,7 @@ impl Transformer {
             let h = ops::rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps, path)?;
             let gate = layer.gate.forward(&h, path)?;
             let up = layer.up.forward(&h, path)?;
-            // SiLU as x * sigmoid(x): candle's `silu` has a backward, but spelling it out keeps
-            // the training path independent of which unary ops are fused.
-            let act = (gate.clone() * candle_nn::ops::sigmoid(&gate)?)?;
-            x = (x + layer.down.forward(&(act * up)?, path)?)?;
+            x = (x + layer.down.forward(&ops::swiglu(&gate, &up)?, path)?)?;
         }
         if let Some(c) = cache {
             c.advance(t);

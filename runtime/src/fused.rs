@@ -1,0 +1,301 @@
+//! Row-wise ops fused into one CPU pass each way, with their own backward: RMSNorm with a frozen
+//! weight, and the SwiGLU gate `silu(gate) * up`.
+//!
+//! Why: composed from candle ops on the training path, RMSNorm is seven ops (square, mean, add,
+//! sqrt, reciprocal, two products) and SwiGLU three, each writing a fresh activation-sized tensor
+//! forward and more backward; on SmolLM2's training step those passes and their page faults were
+//! a fifth of the time (BENCHMARKS.md). Here each op reads its inputs once and writes one output,
+//! and its backward is one more pass. The norm's weight is frozen (only prefixes and soft prompts
+//! train), so no gradient is computed for it.
+
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+/// Rows per parallel task (rows are a few hundred values: batch several).
+const ROWS_PER_TASK: usize = 16;
+
+/// Whether the fused ops run for tensors of this device and dtype.
+pub fn supported(device: &candle_core::Device, dtype: DType) -> bool {
+    device.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
+}
+
+/// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension, differentiable in `x` only.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    Ok(x.apply_op2(&weight.contiguous()?, RmsNorm { eps })?)
+}
+
+/// `silu(gate) * up` (`silu(g) = g * sigmoid(g)`), differentiable in both.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?)
+}
+
+trait Elem: WithDType + num_traits::Float + Send + Sync {}
+impl Elem for f32 {}
+impl Elem for f64 {}
+
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused op: non-contiguous input".into()))?;
+    Ok(&s.as_slice::<T>()?[start..end])
+}
+
+fn to_vec<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<T>()
+}
+
+struct RmsNorm {
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn inv_rms<T: Elem>(&self, row: &[T]) -> T {
+        let ss = row.iter().fold(T::zero(), |a, &v| a + v * v);
+        let n = T::from_f64(row.len() as f64);
+        (ss / n + T::from_f64(self.eps)).sqrt().recip()
+    }
+
+    fn forward<T: Elem>(&self, x: &[T], w: &[T]) -> Vec<T> {
+        let d = w.len();
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(x.par_chunks(d * ROWS_PER_TASK))
+            .for_each(|(o, x)| {
+                for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                    let inv = self.inv_rms(x);
+                    for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                        *o = x * inv * w;
+                    }
+                }
+            });
+        out
+    }
+
+    /// `dx = inv * (gw - x * inv^2 * mean(gw * x))` with `gw = grad * w`.
+    fn backward<T: Elem>(&self, x: &[T], w: &[T], grad: &[T]) -> Vec<T> {
+        let d = w.len();
+        let n = T::from_f64(d as f64);
+        let mut dx = vec![T::zero(); x.len()];
+        dx.par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(x.par_chunks(d * ROWS_PER_TASK))
+            .zip(grad.par_chunks(d * ROWS_PER_TASK))
+            .for_each(|((dx, x), g)| {
+                for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                    let inv = self.inv_rms(x);
+                    let dot = x
+                        .iter()
+                        .zip(g)
+                        .zip(w)
+                        .fold(T::zero(), |a, ((&x, &g), &w)| a + g * w * x);
+                    let c = inv * inv * dot / n;
+                    for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(w) {
+                        *dx = inv * (g * w - x * c);
+                    }
+                }
+            });
+        dx
+    }
+}
+
+impl candle_core::CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = lx.shape().dims().last().copied().unwrap_or(0);
+        if lw.shape().dims() != [d] || d == 0 {
+            candle_core::bail!(
+                "fused rms-norm: x {:?}, weight {:?}",
+                lx.shape(),
+                lw.shape()
+            );
+        }
+        let out = match sx {
+            CpuStorage::F32(_) => CpuStorage::F32(self.forward(slice(sx, lx)?, slice(sw, lw)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.forward(slice(sx, lx)?, slice(sw, lw)?)),
+            _ => candle_core::bail!("fused rms-norm: f32 or f64 only"),
+        };
+        Ok((out, lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = match x.dtype() {
+            DType::F32 => Tensor::from_vec(
+                self.backward(&to_vec::<f32>(x)?, &to_vec(w)?, &to_vec(grad)?),
+                x.shape(),
+                x.device(),
+            )?,
+            DType::F64 => Tensor::from_vec(
+                self.backward(&to_vec::<f64>(x)?, &to_vec(w)?, &to_vec(grad)?),
+                x.shape(),
+                x.device(),
+            )?,
+            d => candle_core::bail!("fused rms-norm: no backward in {d:?}"),
+        };
+        // The weight is frozen.
+        Ok((Some(dx), None))
+    }
+}
+
+struct SwiGlu;
+
+/// Elements per parallel task.
+const ELEMS_PER_TASK: usize = 16 * 1024;
+
+fn sigmoid<T: Elem>(g: T) -> T {
+    (T::one() + (-g).exp()).recip()
+}
+
+impl SwiGlu {
+    fn forward<T: Elem>(gate: &[T], up: &[T]) -> Vec<T> {
+        let mut out = vec![T::zero(); gate.len()];
+        out.par_chunks_mut(ELEMS_PER_TASK)
+            .zip(gate.par_chunks(ELEMS_PER_TASK))
+            .zip(up.par_chunks(ELEMS_PER_TASK))
+            .for_each(|((o, g), u)| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g * sigmoid(g) * u;
+                }
+            });
+        out
+    }
+
+    /// `d gate = grad * up * s * (1 + g * (1 - s))`, `d up = grad * g * s`, `s = sigmoid(g)`.
+    fn backward<T: Elem>(gate: &[T], up: &[T], grad: &[T]) -> (Vec<T>, Vec<T>) {
+        let mut dg = vec![T::zero(); gate.len()];
+        let mut du = vec![T::zero(); gate.len()];
+        dg.par_chunks_mut(ELEMS_PER_TASK)
+            .zip(du.par_chunks_mut(ELEMS_PER_TASK))
+            .zip(gate.par_chunks(ELEMS_PER_TASK))
+            .zip(
+                up.par_chunks(ELEMS_PER_TASK)
+                    .zip(grad.par_chunks(ELEMS_PER_TASK)),
+            )
+            .for_each(|(((dg, du), g), (u, gr))| {
+                for ((((dg, du), &g), &u), &gr) in
+                    dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(gr)
+                {
+                    let s = sigmoid(g);
+                    *dg = gr * u * s * (T::one() + g * (T::one() - s));
+                    *du = gr * g * s;
+                }
+            });
+        (dg, du)
+    }
+}
+
+impl candle_core::CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sg: &CpuStorage,
+        lg: &Layout,
+        su: &CpuStorage,
+        lu: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if lg.shape() != lu.shape() {
+            candle_core::bail!("fused swiglu: gate {:?}, up {:?}", lg.shape(), lu.shape());
+        }
+        let out = match sg {
+            CpuStorage::F32(_) => CpuStorage::F32(Self::forward(slice(sg, lg)?, slice(su, lu)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(Self::forward(slice(sg, lg)?, slice(su, lu)?)),
+            _ => candle_core::bail!("fused swiglu: f32 or f64 only"),
+        };
+        Ok((out, lg.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dg, du) = match gate.dtype() {
+            DType::F32 => {
+                let (dg, du) = Self::backward(&to_vec::<f32>(gate)?, &to_vec(up)?, &to_vec(grad)?);
+                (
+                    Tensor::from_vec(dg, gate.shape(), gate.device())?,
+                    Tensor::from_vec(du, up.shape(), up.device())?,
+                )
+            }
+            DType::F64 => {
+                let (dg, du) = Self::backward(&to_vec::<f64>(gate)?, &to_vec(up)?, &to_vec(grad)?);
+                (
+                    Tensor::from_vec(dg, gate.shape(), gate.device())?,
+                    Tensor::from_vec(du, up.shape(), up.device())?,
+                )
+            }
+            d => candle_core::bail!("fused swiglu: no backward in {d:?}"),
+        };
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .and_then(|d| d.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>())
+            .expect("difference")
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composed_formulation() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 5, 24), &dev)?)?;
+        let w = Tensor::randn(0f64, 1.0, 24, &dev)?;
+        let gy = Tensor::randn(0f64, 1.0, (3, 5, 24), &dev)?;
+        let fused = rms_norm(&x, &w, 1e-5).map_err(candle_core::Error::wrap)?;
+        let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?
+            .sqrt()?
+            .recip()?;
+        let plain = x.broadcast_mul(&inv)?.broadcast_mul(&w)?;
+        assert!(max_diff(&fused, &plain) < 1e-12);
+        let gf = (fused * &gy)?.sum_all()?.backward()?;
+        let gp = (plain * &gy)?.sum_all()?.backward()?;
+        let d = max_diff(gf.get(&x).expect("grad"), gp.get(&x).expect("grad"));
+        assert!(d < 1e-12, "gradient differs by {d:e}");
+        Ok(())
+    }
+
+    #[test]
+    fn swiglu_matches_the_composed_formulation() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let g = Var::from_tensor(&(Tensor::randn(0f64, 3.0, (4, 7000), &dev)?))?;
+        let u = Var::from_tensor(&Tensor::randn(0f64, 1.0, (4, 7000), &dev)?)?;
+        let gy = Tensor::randn(0f64, 1.0, (4, 7000), &dev)?;
+        let fused = swiglu(&g, &u).map_err(candle_core::Error::wrap)?;
+        let plain = ((g.as_tensor() * candle_nn::ops::sigmoid(&g)?)? * u.as_tensor())?;
+        assert!(max_diff(&fused, &plain) < 1e-12);
+        let gf = (fused * &gy)?.sum_all()?.backward()?;
+        let gp = (plain * &gy)?.sum_all()?.backward()?;
+        for v in [&g, &u] {
+            let d = max_diff(gf.get(v).expect("grad"), gp.get(v).expect("grad"));
+            assert!(d < 1e-12, "gradient differs by {d:e}");
+        }
+        Ok(())
+    }
+}
