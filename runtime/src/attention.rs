@@ -17,9 +17,10 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu_kernel::{slice, to_vec, Elem};
 use crate::error::{Error, Result};
 
 /// Queries per block: the score buffer is `BLOCK x keys`, small enough to stay in cache.
@@ -168,53 +169,6 @@ impl Dims {
 struct FusedAttention {
     dims: Dims,
     vis: Arc<Visibility>,
-}
-
-/// The element types the kernel runs in.
-trait Elem:
-    WithDType + num_traits::Float + std::ops::AddAssign + std::ops::MulAssign + Send + Sync
-{
-    /// `exp(x)` for `x <= 0` (scores minus their row maximum).
-    fn exp_nonpositive(self) -> Self;
-}
-
-impl Elem for f32 {
-    #[inline(always)]
-    fn exp_nonpositive(self) -> Self {
-        exp_f32(self)
-    }
-}
-
-impl Elem for f64 {
-    #[inline(always)]
-    fn exp_nonpositive(self) -> Self {
-        self.exp()
-    }
-}
-
-/// `exp(x)` for `x <= 0` in branch-free arithmetic the compiler vectorises (the libm call does
-/// not): `x = n ln2 + r` with `|r| <= ln2 / 2`, `e^r` by its degree-7 Taylor polynomial
-/// (truncation error below 1e-8), times `2^n` built in the exponent bits. Relative error below
-/// 3e-7 (tested); inputs under -87 (and -inf) give ~1e-38 instead of 0, nothing beside a row
-/// maximum's `e^0 = 1`.
-#[inline(always)]
-fn exp_f32(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23
-    let x = x.max(-87.0);
-    // Adding 1.5 * 2^23 rounds x log2(e) to the nearest integer n and leaves it in the low
-    // mantissa bits of `t` (exact for |n| < 2^22): `t.to_bits() = 0x4B40_0000 + n`, from which
-    // 2^n's exponent bits follow in integer arithmetic (a float-to-int cast would not vectorise).
-    let t = x * std::f32::consts::LOG2_E + SHIFT;
-    let n = t - SHIFT;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    p * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23)
 }
 
 /// `dst[m x n] (+)= a[m x k] b[k x n]`, each operand given by its row and column strides; the
@@ -568,18 +522,6 @@ fn backward<T: Elem>(
     (dq, dk, dv)
 }
 
-/// A contiguous view of a CPU storage as a slice of `T`.
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused attention: non-contiguous input".into()))?;
-    Ok(&s.as_slice::<T>()?[start..end])
-}
-
-fn tensor_vec<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
-    t.contiguous()?.flatten_all()?.to_vec1::<T>()
-}
-
 impl FusedAttention {
     fn check_shapes(&self, lq: &Layout, lk: &Layout) -> candle_core::Result<()> {
         let Dims {
@@ -606,12 +548,8 @@ impl FusedAttention {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let (q_, k_, v_) = (
-            tensor_vec::<T>(q)?,
-            tensor_vec::<T>(k)?,
-            tensor_vec::<T>(v)?,
-        );
-        let (o_, g_) = (tensor_vec::<T>(res)?, tensor_vec::<T>(grad)?);
+        let (q_, k_, v_) = (to_vec::<T>(q)?, to_vec::<T>(k)?, to_vec::<T>(v)?);
+        let (o_, g_) = (to_vec::<T>(res)?, to_vec::<T>(grad)?);
         let (dq, dk, dv) = backward(&self.dims, &self.vis, &q_, &k_, &v_, &o_, &g_);
         Ok((
             Tensor::from_vec(dq, q.shape(), q.device())?,
@@ -684,20 +622,6 @@ impl candle_core::CustomOp3 for FusedAttention {
 mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
-
-    #[test]
-    fn fast_exp_is_accurate_on_the_softmax_range() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -87.0 * i as f64 / 200_000.0;
-            let got = exp_f32(x as f32) as f64;
-            let want = (x as f32 as f64).exp();
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst < 3e-7, "worst relative error {worst:e}");
-        assert_eq!(exp_f32(0.0), 1.0);
-        assert!(exp_f32(f32::NEG_INFINITY) < 1e-37);
-    }
 
     /// The plain formulation: scores against prefix ++ own keys, an additive mask from the
     /// ranges, softmax, times V.

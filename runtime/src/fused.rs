@@ -8,9 +8,10 @@
 //! and its backward is one more pass. The norm's weight is frozen (only prefixes and soft prompts
 //! train), so no gradient is computed for it.
 
-use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu_kernel::{slice, to_vec, Elem};
 use crate::error::Result;
 
 /// Rows per parallel task (rows are a few hundred values: batch several).
@@ -30,21 +31,6 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// `silu(gate) * up` (`silu(g) = g * sigmoid(g)`), differentiable in both.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?)
-}
-
-trait Elem: WithDType + num_traits::Float + Send + Sync {}
-impl Elem for f32 {}
-impl Elem for f64 {}
-
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused op: non-contiguous input".into()))?;
-    Ok(&s.as_slice::<T>()?[start..end])
-}
-
-fn to_vec<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
-    t.contiguous()?.flatten_all()?.to_vec1::<T>()
 }
 
 struct RmsNorm {

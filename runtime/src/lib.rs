@@ -16,6 +16,7 @@ pub mod tokenizer;
 
 pub mod attention;
 pub mod batch_decoder;
+mod cpu_kernel;
 pub mod fused;
 pub mod generate;
 pub mod kv_cache;
