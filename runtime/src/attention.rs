@@ -116,6 +116,16 @@ pub fn attention(
             vis.batch, vis.queries, vis.slots
         )));
     }
+    if vis.ranges.len() != vis.batch * vis.queries
+        || vis
+            .ranges
+            .iter()
+            .any(|&(lo, hi)| lo >= hi || hi as usize > slots)
+    {
+        return Err(Error::Msg(format!(
+            "fused attention: a visible range lies outside the {slots} slots or is empty"
+        )));
+    }
     // Keys of one KV head as one matrix: the prefix, then sequence 0's slots, sequence 1's, ...
     // (a copy of the new K/V, never of the prefix per sequence).
     let own = |x: &Tensor| -> Result<Tensor> {
@@ -711,6 +721,20 @@ mod tests {
         check(Visibility::causal(&[0, 2, 7], 5, 70), 4, DType::F32)?;
         // No prefix at all, one sequence.
         check(Visibility::causal(&[0], 0, 9), 0, DType::F64)
+    }
+
+    #[test]
+    fn visibility_that_does_not_fit_is_an_error_not_a_panic() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((1, 1, 8, 4), DType::F32, &dev)?;
+        let k = Tensor::zeros((1, 1, 8, 4), DType::F32, &dev)?;
+        // Segments of 5 + 6 tokens claimed in a row of 8.
+        let vis = Arc::new(Visibility::packed(&[vec![5, 6]], 8));
+        assert!(attention(&q, None, &k, &k, &vis).is_err());
+        // Causal over more slots than the keys have.
+        let vis = Arc::new(Visibility::causal(&[0], 3, 8));
+        assert!(attention(&q, None, &k, &k, &vis).is_err());
+        Ok(())
     }
 
     #[test]
