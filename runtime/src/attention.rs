@@ -84,11 +84,6 @@ impl Visibility {
     }
 }
 
-/// Whether [`attention`] runs for tensors of this device and dtype.
-pub fn supported(device: &candle_core::Device, dtype: DType) -> bool {
-    device.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
-}
-
 /// Softmax attention of `q: [b, kv_heads, groups * t, d]` (already scaled by `1/sqrt(d)`; rows
 /// ordered (group, token)) over `prefix` (`[kv_heads, P, d]` keys and values shared by the batch)
 /// followed by each sequence's own `k, v: [b, kv_heads, slots, d]`, as `vis` says. Returns

@@ -1,7 +1,12 @@
 //! What the CPU kernels of our custom ops ([`crate::attention`], [`crate::fused`]) share: the
 //! element types they run in, a vectorisable `exp`, and access to candle's storages.
 
-use candle_core::{CpuStorage, Layout, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Device, Layout, Tensor, WithDType};
+
+/// Whether our CPU kernels run for tensors of this device and dtype.
+pub(crate) fn supported(device: &Device, dtype: DType) -> bool {
+    device.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
+}
 
 /// The element types our kernels run in.
 pub(crate) trait Elem:

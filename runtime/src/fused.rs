@@ -3,8 +3,8 @@
 //!
 //! Why: composed from candle ops on the training path, RMSNorm is seven ops (square, mean, add,
 //! sqrt, reciprocal, two products) and SwiGLU three, each writing a fresh activation-sized tensor
-//! forward and more backward; on SmolLM2's training step those passes and their page faults were
-//! a fifth of the time (BENCHMARKS.md). Here each op reads its inputs once and writes one output,
+//! forward and more backward; in a profile of SmolLM2's training step those passes and their page
+//! faults took about a fifth of the time. Here each op reads its inputs once and writes one output,
 //! and its backward is one more pass. The norm's weight is frozen (only prefixes and soft prompts
 //! train), so no gradient is computed for it.
 
@@ -16,11 +16,6 @@ use crate::error::Result;
 
 /// Rows per parallel task (rows are a few hundred values: batch several).
 const ROWS_PER_TASK: usize = 16;
-
-/// Whether the fused ops run for tensors of this device and dtype.
-pub fn supported(device: &candle_core::Device, dtype: DType) -> bool {
-    device.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
-}
 
 /// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension, differentiable in `x` only.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {

@@ -3,8 +3,8 @@
 //! By default glibc serves every allocation above a threshold that adapts up to 32 MiB with a
 //! fresh `mmap`, and hands the top of its heap back to the kernel once 128 KiB of it is free. A
 //! training step allocates gigabytes of activations and frees them all at its end, so every step
-//! page-faulted them in again (the kernel zeroing each page: ~80,000 faults and a tenth of a
-//! SmolLM2 step on this project's machines, BENCHMARKS.md). Here allocations up to 32 MiB (glibc's
+//! page-faulted them in again (~80,000 faults per SmolLM2 training step, BENCHMARKS.md; the
+//! kernel zeroing those pages was 8% of a step's profile). Here allocations up to 32 MiB (glibc's
 //! largest threshold) come from the heap and up to 2 GiB of freed heap stays in the process for
 //! the next step. The cost: the process keeps its peak heap resident.
 

@@ -36,7 +36,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Ten
             let x = x.contiguous()?;
             Ok(candle_nn::ops::rms_norm(&x, weight, eps as f32)?)
         }
-        Path::Train if crate::fused::supported(x.device(), x.dtype()) => {
+        Path::Train if crate::cpu_kernel::supported(x.device(), x.dtype()) => {
             crate::fused::rms_norm(x, weight, eps)
         }
         Path::Train => {
@@ -86,7 +86,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, path: Path) -> Result<Tensor
 /// The SwiGLU gate `silu(gate) * up` (differentiable on both paths): one fused pass on the CPU
 /// in f32/f64, else `gate * sigmoid(gate) * up` from candle ops.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if crate::fused::supported(gate.device(), gate.dtype()) {
+    if crate::cpu_kernel::supported(gate.device(), gate.dtype()) {
         return crate::fused::swiglu(gate, up);
     }
     Ok(((gate * candle_nn::ops::sigmoid(gate)?)? * up)?)

@@ -592,7 +592,7 @@ impl Transformer {
         // Several new tokens on the CPU: the fused attention op (no score tensors, skipped masked
         // blocks). One token per sequence (decoding) keeps the composed ops, which read a shared
         // prefix without joining it to each sequence's cache.
-        let masking = if t > 1 && attention::supported(&self.device, self.dtype) {
+        let masking = if t > 1 && crate::cpu_kernel::supported(&self.device, self.dtype) {
             Masking::Fused(Arc::new(match packed {
                 Some(segments) => Visibility::packed(segments, t),
                 None => Visibility::causal(&pads, past, t),
