@@ -1,7 +1,8 @@
 //! Rough speed probe of the forward on a real model: prefill tokens/s, decode tokens/s at a few
 //! batch sizes (with and without a cartridge), one training step (forward + backward into a
 //! cartridge). Usage: `cargo run --release -p cartridge-runtime --example forward_speed [MODEL]`
-//! (default: the fetched SmolLM2 GGUF).
+//! (default: the fetched SmolLM2 GGUF). `FORWARD_SPEED=prefill|decode|decode-cases|train` runs one
+//! part.
 
 use std::time::Instant;
 
@@ -19,6 +20,8 @@ fn main() -> anyhow::Result<()> {
     let only_prefill = std::env::var("FORWARD_SPEED").is_ok_and(|v| v == "prefill");
     let only_decode = std::env::var("FORWARD_SPEED").is_ok_and(|v| v == "decode");
     let only_train = std::env::var("FORWARD_SPEED").is_ok_and(|v| v == "train");
+    // `decode-cases`: only the decode table (batch 1/8/32, no prefix / cartridge / context).
+    let only_cases = std::env::var("FORWARD_SPEED").is_ok_and(|v| v == "decode-cases");
     let arg = std::env::args().nth(1).map(std::path::PathBuf::from);
     let path = loader::resolve_model_path(arg.as_deref())?;
     let dev = Device::Cpu;
@@ -54,7 +57,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         vec![512, 2048]
     };
-    for n in sizes.into_iter().filter(|_| !only_train) {
+    for n in sizes.into_iter().filter(|_| !only_train && !only_cases) {
         let ids = Tensor::from_vec(toks(n, 1), (1, n), &dev)?;
         let mut cache = net.new_cache(1);
         let t = Instant::now();
@@ -99,6 +102,9 @@ fn main() -> anyhow::Result<()> {
                 n as f64 / s
             );
         }
+    }
+    if only_cases {
+        return Ok(());
     }
     // One training step's forward + backward into a 256-slot cartridge, 4 x 256 tokens.
     let vars: Vec<(Var, Var)> = cart

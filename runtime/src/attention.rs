@@ -20,7 +20,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_kernel::{slice, to_vec, Elem};
+use crate::cpu_kernel::{lane_max, lane_sum, mm, slice, to_vec, Elem};
 use crate::error::{Error, Result};
 
 /// Queries per block: the score buffer is `BLOCK x keys`, small enough to stay in cache.
@@ -174,98 +174,6 @@ impl Dims {
 struct FusedAttention {
     dims: Dims,
     vis: Arc<Visibility>,
-}
-
-/// `dst[m x n] (+)= a[m x k] b[k x n]`, each operand given by its row and column strides; the
-/// product runs on the calling thread (the blocks are the parallel unit).
-#[allow(clippy::too_many_arguments)]
-fn mm<T: Elem>(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
-    dst_rs: usize,
-    accumulate: bool,
-    a: &[T],
-    (a_rs, a_cs): (usize, usize),
-    b: &[T],
-    (b_rs, b_cs): (usize, usize),
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                dst[i * dst_rs..i * dst_rs + n].fill(T::zero());
-            }
-        }
-        return;
-    }
-    // The last element each operand touches must lie inside its slice.
-    assert!((m - 1) * dst_rs + n <= dst.len(), "mm: dst out of bounds");
-    assert!(
-        (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
-        "mm: a out of bounds"
-    );
-    assert!(
-        (k - 1) * b_rs + (n - 1) * b_cs < b.len(),
-        "mm: b out of bounds"
-    );
-    // SAFETY: the asserts above bound every index the product reads or writes (row-major
-    // `dst` with column stride 1); the three slices are distinct borrows.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
-/// Lanes of the reductions below: float sums and maxima only vectorise when written as
-/// independent accumulators (the compiler may not reorder a single chain).
-const LANES: usize = 16;
-
-fn lane_max<T: Elem>(xs: &[T]) -> T {
-    let mut acc = [T::neg_infinity(); LANES];
-    let mut chunks = xs.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a = if x > *a { x } else { *a };
-        }
-    }
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(T::neg_infinity(), |m, &x| if x > m { x } else { m });
-    acc.iter().fold(tail, |m, &x| if x > m { x } else { m })
-}
-
-fn lane_sum<T: Elem>(xs: &[T]) -> T {
-    let mut acc = [T::zero(); LANES];
-    let mut chunks = xs.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += x;
-        }
-    }
-    let tail = chunks.remainder().iter().fold(T::zero(), |s, &x| s + x);
-    acc.iter().fold(tail, |s, &x| s + x)
 }
 
 /// One block of queries of one (sequence, query head): where its keys are.

@@ -17,6 +17,7 @@ pub mod tokenizer;
 pub mod attention;
 pub mod batch_decoder;
 mod cpu_kernel;
+mod decode_attention;
 pub mod fused;
 pub mod generate;
 pub mod kv_cache;

@@ -43,6 +43,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::attention::{self, Visibility};
+use crate::decode_attention;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::models::config::{Architecture, ModelConfig};
@@ -53,6 +54,9 @@ use crate::prefix::PrefixKv;
 enum Masking {
     /// The fused CPU op ([`attention::attention`]), told by ranges.
     Fused(Arc<Visibility>),
+    /// One token per sequence on the inference path, on the CPU
+    /// ([`decode_attention::decode_attention`]): sequence `b` sees its slots from `pads[b]` on.
+    Decode(Vec<usize>),
     /// Composed candle ops with an additive mask (`None`: nothing masked).
     Additive(Option<Tensor>),
 }
@@ -590,13 +594,17 @@ impl Transformer {
             self.rope.gather(&positions)?
         };
         // Several new tokens on the CPU: the fused attention op (no score tensors, skipped masked
-        // blocks). One token per sequence (decoding) keeps the composed ops, which read a shared
-        // prefix without joining it to each sequence's cache.
-        let masking = if t > 1 && crate::cpu_kernel::supported(&self.device, self.dtype) {
+        // blocks). One token per sequence (decoding): the decode kernel, which reads the shared
+        // prefix and the caches in place (it has no backward, so the training path keeps the
+        // composed ops).
+        let cpu_kernels = crate::cpu_kernel::supported(&self.device, self.dtype);
+        let masking = if t > 1 && cpu_kernels {
             Masking::Fused(Arc::new(match packed {
                 Some(segments) => Visibility::packed(segments, t),
                 None => Visibility::causal(&pads, past, t),
             }))
+        } else if t == 1 && cpu_kernels && path == Path::Infer && packed.is_none() {
+            Masking::Decode(pads.clone())
         } else {
             Masking::Additive(match packed {
                 Some(segments) => Some(self.packed_mask(segments, t)?),
@@ -766,6 +774,11 @@ impl Transformer {
                 let out = attention::attention(&qg, prefix, &kc, &vc, vis)?
                     .reshape((b, h, t, d))?
                     .transpose(1, 2)?
+                    .reshape((b, t, h * d))?;
+                return Ok((layer.o.forward(&out, path)?, k, v));
+            }
+            Masking::Decode(pads) => {
+                let out = decode_attention::decode_attention(&qg, prefix, &kc, &vc, pads)?
                     .reshape((b, t, h * d))?;
                 return Ok((layer.o.forward(&out, path)?, k, v));
             }
