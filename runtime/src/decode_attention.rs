@@ -116,8 +116,11 @@ impl<'a, T: Elem> Strided<'a, T> {
     /// The view of a `[b, kv_heads, slots, d]` tensor whose slots are rows of `d` contiguous
     /// elements (the cache buffer's layout), whatever its strides above that.
     fn new(s: &'a Storage, l: &candle_core::Layout, d: usize) -> Result<Self> {
-        let st = l.stride();
-        if st.len() != 4 || st[3] != 1 || st[2] != d {
+        let (st, dims) = (l.stride(), l.dims());
+        // A dimension of size 1 may carry any stride (candle calls `[b, h, 1, d]` transposed
+        // from `[b, 1, h, d]` contiguous): only the strides of longer ones must fit.
+        let fits = |i: usize, want: usize| dims[i] == 1 || st[i] == want;
+        if st.len() != 4 || !fits(3, 1) || !fits(2, d) {
             return Err(Error::Msg(format!(
                 "decode attention: cache strides {st:?} are not rows of {d}"
             )));
@@ -394,6 +397,30 @@ mod tests {
                 prefix.is_some()
             );
         }
+    }
+
+    #[test]
+    fn a_single_slot_from_a_transpose_is_read_right() {
+        // One token without a cache: K/V `[b, 1, kv, d]` transposed to `[b, kv, 1, d]`, which
+        // candle deems contiguous with a slot stride that is not `d`.
+        let dev = Device::Cpu;
+        let (b, kvh, g, d) = (3, 2, 2, 16);
+        let q = Tensor::randn(0f64, 1.0, (b, kvh, g, d), &dev).unwrap();
+        let k = Tensor::randn(0f64, 1.0, (b, 1, kvh, d), &dev)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        let v = Tensor::randn(0f64, 1.0, (b, 1, kvh, d), &dev)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        assert!(k.is_contiguous() && k.stride()[2] != d);
+        let kp = Tensor::randn(0f64, 1.0, (kvh, 5, d), &dev).unwrap();
+        let vp = Tensor::randn(0f64, 1.0, (kvh, 5, d), &dev).unwrap();
+        let pads = [0; 3];
+        let got = decode_attention(&q, Some((&kp, &vp)), &k, &v, &pads).unwrap();
+        let want = reference(&q, Some((&kp, &vp)), &k, &v, &pads);
+        assert!(max_diff(&got, &want) < 1e-12);
     }
 
     #[test]
