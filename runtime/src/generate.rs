@@ -173,30 +173,45 @@ pub fn argmax(xs: &[f32]) -> u32 {
 }
 
 /// The `k` most probable `(id, log-probability)` pairs of `softmax(logits)` (untempered), most
-/// probable first.
+/// probable first; equal logits in id order.
+///
+/// Self-study calls this at every answer token of every sequence, so it is one pass for the
+/// normaliser (a vectorised exp, summed in f64 lanes) and one for the selection, keeping the best
+/// `k` in a sorted buffer that most logits fail to enter at the first comparison.
 pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    if k == 0 || logits.is_empty() {
+    use crate::cpu_kernel::Elem;
+    use std::cmp::Ordering;
+    let k = k.min(logits.len());
+    if k == 0 {
         return Vec::new();
     }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = max
-        + logits
-            .iter()
-            .map(|&z| (z as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let k = k.min(idx.len());
-    let cmp = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .total_cmp(&logits[*a as usize])
-            .then(a.cmp(b))
-    };
-    idx.select_nth_unstable_by(k - 1, cmp);
-    idx.truncate(k);
-    idx.sort_by(cmp);
-    idx.into_iter()
-        .map(|i| (i, (logits[i as usize] as f64 - lse) as f32))
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    const LANES: usize = 16;
+    let mut acc = [0f64; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&z| (z - max).exp_nonpositive() as f64)
+        .sum();
+    for c in chunks {
+        for (s, &z) in acc.iter_mut().zip(c) {
+            *s += (z - max).exp_nonpositive() as f64;
+        }
+    }
+    let lse = max as f64 + (acc.iter().sum::<f64>() + tail).ln();
+    // Descending by logit; a later id with an equal logit goes after (ids arrive in order).
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    for (i, &z) in logits.iter().enumerate() {
+        if best.len() == k && z.total_cmp(&best[k - 1].0) != Ordering::Greater {
+            continue;
+        }
+        let at = best.partition_point(|x| x.0.total_cmp(&z) != Ordering::Less);
+        best.insert(at, (z, i as u32));
+        best.truncate(k);
+    }
+    best.into_iter()
+        .map(|(z, i)| (i, (z as f64 - lse) as f32))
         .collect()
 }
 
@@ -731,6 +746,38 @@ mod tests {
         assert_eq!(t.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 3, 0]);
         let total: f32 = logits.iter().map(|&z| (z - 2.0).exp()).sum();
         assert!((t[0].1 - (1.0 / total).ln()).abs() < 1e-6);
+        assert_eq!(top_logprobs(&logits, 9).len(), 4);
+        assert!(top_logprobs(&logits, 0).is_empty());
+    }
+
+    #[test]
+    fn top_logprobs_agree_with_a_full_sort_on_a_vocabulary() {
+        // A vocabulary-sized row with ties, against sorting every id and an f64 log-sum-exp.
+        let mut rng = StdRng::seed_from_u64(7);
+        let logits: Vec<f32> = (0..49_157)
+            .map(|_| (rng.random::<f32>() * 40.0 - 20.0).round() / 4.0)
+            .collect();
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max
+            + logits
+                .iter()
+                .map(|&z| (z as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        ids.sort_by(|a, b| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        });
+        for k in [1, 20, 100] {
+            let got = top_logprobs(&logits, k);
+            assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), ids[..k]);
+            for &(i, lp) in &got {
+                let want = logits[i as usize] as f64 - lse;
+                assert!((lp as f64 - want).abs() < 1e-5, "id {i}: {lp} vs {want}");
+            }
+        }
     }
 
     #[test]
