@@ -388,12 +388,16 @@ fn qk_heads(cfg: &ModelConfig, hf: &str) -> Option<usize> {
 
 /// [`unpermute_qk_rows`] on the raw bytes of a row-major tensor of `rows` equal-sized rows.
 fn unpermute_rows_bytes(data: &[u8], rows: usize, n_heads: usize) -> Result<Vec<u8>, String> {
-    if rows == 0 || n_heads == 0 || rows % n_heads != 0 || (rows / n_heads) % 2 != 0 {
+    if rows == 0
+        || n_heads == 0
+        || !rows.is_multiple_of(n_heads)
+        || !(rows / n_heads).is_multiple_of(2)
+    {
         return Err(format!(
             "cannot de-permute {rows} rows into {n_heads} heads of even width"
         ));
     }
-    if data.len() % rows != 0 {
+    if !data.len().is_multiple_of(rows) {
         return Err(format!(
             "{} bytes do not split into {rows} rows",
             data.len()
@@ -453,7 +457,7 @@ pub fn unpermute_qk_rows(t: &Tensor, n_heads: usize) -> Result<Tensor> {
     let rows = *dims
         .first()
         .ok_or_else(|| Error::Msg("cannot de-permute a scalar".into()))?;
-    if n_heads == 0 || rows % n_heads != 0 || (rows / n_heads) % 2 != 0 {
+    if n_heads == 0 || rows % n_heads != 0 || !(rows / n_heads).is_multiple_of(2) {
         return Err(Error::Msg(format!(
             "cannot de-permute {rows} rows into {n_heads} heads of even width"
         )));
@@ -475,7 +479,7 @@ pub fn permute_qk_rows(t: &Tensor, n_heads: usize) -> Result<Tensor> {
     let rows = *dims
         .first()
         .ok_or_else(|| Error::Msg("cannot permute a scalar".into()))?;
-    if n_heads == 0 || rows % n_heads != 0 || (rows / n_heads) % 2 != 0 {
+    if n_heads == 0 || rows % n_heads != 0 || !(rows / n_heads).is_multiple_of(2) {
         return Err(Error::Msg(format!(
             "cannot permute {rows} rows into {n_heads} heads of even width"
         )));

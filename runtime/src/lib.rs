@@ -25,6 +25,7 @@ pub mod malloc;
 pub mod ops;
 pub mod prefix;
 pub mod safetensors_dir;
+mod small_matmul;
 
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -497,7 +497,7 @@ impl Header {
                     found: t.len,
                 });
             }
-            if t.offset % ALIGN != 0 {
+            if !t.offset.is_multiple_of(ALIGN) {
                 return Err(CartError::Misaligned {
                     tensor: t.name.clone(),
                     offset: t.offset,

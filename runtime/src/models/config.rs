@@ -182,10 +182,10 @@ impl ModelConfig {
         if self.num_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
             return bad("zero layers, hidden size or vocabulary");
         }
-        if self.num_kv_heads == 0 || self.num_attention_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_attention_heads.is_multiple_of(self.num_kv_heads) {
             return bad("num_attention_heads must be a multiple of num_key_value_heads");
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad("head_dim must be even and non-zero");
         }
         Ok(())

@@ -49,6 +49,7 @@ use crate::kv_cache::KvCache;
 use crate::models::config::{Architecture, ModelConfig};
 use crate::ops::{self, Path, RopeScaling, RopeTables};
 use crate::prefix::PrefixKv;
+use crate::small_matmul;
 
 /// How a forward's attention knows what each query may see.
 enum Masking {
@@ -126,6 +127,8 @@ const QUANT_MAX_ROWS: usize = 16;
 /// SmolLM2's shapes (2 cores) the projections run 1.45-5.6x faster at 8-32 rows and the LM head
 /// 1.15x, so decoding 8-32 sequences is 1.5-2.1x faster (BENCHMARKS.md); from 64 rows on the LM
 /// head gets slower, and one row is a matrix-vector product either way. The values are the same.
+/// Where the CPU has AVX-512, up to [`small_matmul::MAX_ROWS`] rows go to our own kernel instead,
+/// which reads the weight once without packing it.
 const SMALL_ROWS: usize = 32;
 
 /// candle 0.11 has SIMD dot products for Q4_0, Q8_0 and the k-quants, but only scalar code for
@@ -174,8 +177,11 @@ impl Linear {
                 q.forward(&x2.contiguous()?)?
             }
             _ if path == Path::Infer && x.device().is_cpu() && (2..=SMALL_ROWS).contains(&rows) => {
-                // (W x^T)^T: see SMALL_ROWS.
-                self.w.matmul(&x2.t()?)?.t()?.contiguous()?
+                // Our small-batch kernel where the CPU has AVX-512, else (W x^T)^T: see SMALL_ROWS.
+                match small_matmul::linear(&x2, &self.w)? {
+                    Some(y) => y,
+                    None => self.w.matmul(&x2.t()?)?.t()?.contiguous()?,
+                }
             }
             _ => ops::frozen_linear(&x2, &self.w, path)?,
         };
