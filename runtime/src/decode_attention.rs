@@ -299,20 +299,15 @@ mod tests {
             let lo = pad.min(slots - 1);
             let mut heads = Vec::new();
             for kh in 0..kvh {
-                let mut keys = vec![k
-                    .get(bi)
-                    .unwrap()
-                    .get(kh)
-                    .unwrap()
-                    .narrow(0, lo, slots - lo)
-                    .unwrap()];
-                let mut vals = vec![v
-                    .get(bi)
-                    .unwrap()
-                    .get(kh)
-                    .unwrap()
-                    .narrow(0, lo, slots - lo)
-                    .unwrap()];
+                let own = |t: &Tensor| {
+                    t.get(bi)
+                        .unwrap()
+                        .get(kh)
+                        .unwrap()
+                        .narrow(0, lo, slots - lo)
+                };
+                let mut keys = vec![own(k).unwrap()];
+                let mut vals = vec![own(v).unwrap()];
                 if let Some((kp, vp)) = prefix {
                     keys.insert(0, kp.get(kh).unwrap());
                     vals.insert(0, vp.get(kh).unwrap());
