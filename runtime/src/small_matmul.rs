@@ -7,9 +7,8 @@
 //! memory, and dotted with every row of `x`, which stays in cache; the two cores take disjoint
 //! ranges of output features.
 //!
-//! The kernel is written as 16-lane arrays with fused multiply-adds, compiled for AVX-512 in
-//! functions that run only where the CPU has it (checked at run time); elsewhere [`xwt`] returns
-//! `None` and the caller keeps candle's product.
+//! The kernel uses AVX-512 intrinsics in functions that run only where the CPU has it (checked at
+//! run time); elsewhere [`xwt`] returns `None` and the caller keeps candle's product.
 
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
