@@ -27,10 +27,23 @@ pub enum InitKind {
     /// The KV (or embeddings) of [`SAMPLED_CHUNKS`] windows of the corpus text at seeded random
     /// offsets, concatenated (positions `0..p-1` over the concatenation).
     SampledChunks,
+    /// The `p` keys (and their values) of the whole corpus that its readers attend to most, chosen
+    /// per layer and KV head and moved to positions `0..p-1` in their corpus order (KV-cache
+    /// compression as a starting point; see [`select_corpus_kv`]). Slot 0 keeps the corpus's first
+    /// token, the attention sink.
+    SelectedKeys,
 }
 
 /// Windows drawn by [`InitKind::SampledChunks`].
 pub const SAMPLED_CHUNKS: usize = 4;
+
+/// Longest corpus segment scored in one forward by [`InitKind::SelectedKeys`] (the model's window
+/// when smaller): attention statistics cost grows with the square of it.
+pub const SELECT_SEGMENT_TOKENS: usize = 8192;
+
+/// Corpus tokens [`InitKind::SelectedKeys`] scores at most; a longer corpus contributes evenly
+/// spaced segments up to this many tokens, which keeps the start of a build bounded.
+pub const SELECT_MAX_TOKENS: usize = 65_536;
 
 /// Tokens used to measure the scale of real K/V for [`InitKind::RandomVectors`].
 const SCALE_PROBE_TOKENS: usize = 64;
@@ -121,6 +134,12 @@ pub fn init_kv(
         InitKind::SampledChunks => {
             Ok(model.prefix_kv(None, &sampled_ids(&mut rng, corpus_ids, p, "a cartridge")?)?)
         }
+        InitKind::SelectedKeys => {
+            let ids = corpus_ids.ok_or_else(|| {
+                Error::Config("selected-keys initialisation needs the corpus token ids".into())
+            })?;
+            select_corpus_kv(model, p, ids)
+        }
         InitKind::RandomVectors => {
             let probe = model.prefix_kv(None, &random_ids(&mut rng, SCALE_PROBE_TOKENS, vocab))?;
             let layers = probe
@@ -136,6 +155,100 @@ pub fn init_kv(
             Ok(PrefixKv::new(layers)?)
         }
     }
+}
+
+/// A key of the corpus: its attention score, its segment and its position there.
+#[derive(Clone, Copy)]
+struct Candidate {
+    score: f32,
+    segment: usize,
+    position: usize,
+}
+
+/// The `p` most-attended corpus keys per layer and KV head, as a cartridge.
+///
+/// The corpus runs in segments of at most [`SELECT_SEGMENT_TOKENS`]; each key is scored by the
+/// attention the later tokens of its segment pay it, averaged over those tokens
+/// ([`Transformer::attention_received`]), which measures what reading the corpus uses rather than
+/// what its first page says. Slot 0 is the corpus's first token (the attention sink); the other
+/// `p - 1` slots are each head's best keys in corpus order, moved from their segment positions to
+/// `1..p` ([`Transformer::move_keys`]). Heads choose independently: attention is per head, so slot
+/// `j` need not be the same token in every head. The values keep what the whole segment put in
+/// them, which the first `p` tokens alone never see.
+///
+/// Observing from the training conversations instead (placed after the corpus, as SnapKV
+/// observes from the question) was measured and lost on both held-out metrics (BENCHMARKS.md).
+pub fn select_corpus_kv(model: &Transformer, p: usize, corpus: &[u32]) -> Result<PrefixKv> {
+    if corpus.len() < p {
+        return Err(Error::Config(format!(
+            "a cartridge of {p} tokens selected from the corpus, but the corpus has only {} tokens",
+            corpus.len()
+        )));
+    }
+    let segment_len = SELECT_SEGMENT_TOKENS.min(model.config().max_position_embeddings);
+    let all: Vec<&[u32]> = corpus.chunks(segment_len).collect();
+    // Evenly spaced segments when the corpus is longer than the budget.
+    let keep = (SELECT_MAX_TOKENS / segment_len).clamp(1, all.len());
+    let chosen: Vec<&[u32]> = (0..keep).map(|i| all[i * all.len() / keep]).collect();
+    // Per segment: its K/V and, per layer, per KV head, each key's score.
+    let mut segments: Vec<(PrefixKv, Vec<Vec<Vec<f32>>>)> = Vec::with_capacity(chosen.len());
+    for seg in chosen {
+        let (kv, received) = model.attention_received(seg, 0..seg.len())?;
+        let scores = received
+            .iter()
+            .map(|r| Ok(r.to_vec2::<f32>()?))
+            .collect::<Result<Vec<_>>>()?;
+        segments.push((kv, scores));
+    }
+    let cfg = model.config();
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    let to: Vec<u32> = (0..p as u32).collect();
+    for li in 0..cfg.num_layers {
+        let mut keys = Vec::with_capacity(cfg.num_kv_heads);
+        let mut values = Vec::with_capacity(cfg.num_kv_heads);
+        let mut from = Vec::with_capacity(cfg.num_kv_heads);
+        for h in 0..cfg.num_kv_heads {
+            let mut pool: Vec<Candidate> = segments
+                .iter()
+                .enumerate()
+                .flat_map(|(segment, (_, scores))| {
+                    scores[li][h]
+                        .iter()
+                        .enumerate()
+                        .map(move |(position, &score)| Candidate {
+                            score,
+                            segment,
+                            position,
+                        })
+                })
+                // Every segment's first token is its attention sink: slot 0 holds the corpus's.
+                .filter(|c| c.position > 0)
+                .collect();
+            // Best first; ties (and NaN, which attention never yields) keep corpus order.
+            pool.sort_by(|a, b| b.score.total_cmp(&a.score));
+            pool.truncate(p - 1);
+            pool.sort_by_key(|c| (c.segment, c.position));
+            let chosen = std::iter::once(Candidate {
+                score: 0.0,
+                segment: 0,
+                position: 0,
+            })
+            .chain(pool);
+            let (mut ks, mut vs, mut pos) = (Vec::new(), Vec::new(), Vec::new());
+            for c in chosen {
+                let (k, v) = segments[c.segment].0.layers()[li].clone();
+                ks.push(k.narrow(0, h, 1)?.narrow(1, c.position, 1)?);
+                vs.push(v.narrow(0, h, 1)?.narrow(1, c.position, 1)?);
+                pos.push(c.position as u32);
+            }
+            keys.push(Tensor::cat(&ks, 1)?);
+            values.push(Tensor::cat(&vs, 1)?);
+            from.push(pos);
+        }
+        let k = model.move_keys(&Tensor::cat(&keys, 0)?, &from, &to)?;
+        layers.push((k, Tensor::cat(&values, 0)?));
+    }
+    Ok(PrefixKv::new(layers)?)
 }
 
 /// The initial soft prompt `[n, hidden]`.
@@ -162,6 +275,11 @@ pub fn init_soft_prompt(
         InitKind::CorpusText => rows(text_ids(corpus_ids, n, "a soft prompt")?),
         InitKind::RandomText => rows(&random_ids(&mut rng, n, vocab)),
         InitKind::SampledChunks => rows(&sampled_ids(&mut rng, corpus_ids, n, "a soft prompt")?),
+        InitKind::SelectedKeys => Err(Error::Config(
+            "selected-keys initialises KV cartridges; a soft prompt starts from corpus, \
+             sampled-chunks, random-text or random-vectors"
+                .into(),
+        )),
         InitKind::RandomVectors => {
             let hidden = model.config().hidden_size;
             let scale = std_of(emb)?;

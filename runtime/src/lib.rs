@@ -15,6 +15,7 @@ pub mod model_fingerprint;
 pub mod tokenizer;
 
 pub mod attention;
+pub mod attention_received;
 pub mod batch_decoder;
 mod cpu_kernel;
 mod decode_attention;

@@ -41,9 +41,10 @@ pub struct TrainArgs {
     /// Leading cartridge slots kept frozen (the attention sink).
     #[arg(long, default_value_t = TrainConfig::default().frozen_tokens)]
     pub frozen_tokens: usize,
-    /// Initialisation: corpus (KV of the corpus's first tokens), random-text, random-vectors,
-    /// sampled-chunks.
-    #[arg(long, default_value = "corpus", value_parser = ["corpus", "random-text", "random-vectors", "sampled-chunks"])]
+    /// Initialisation: corpus (KV of the corpus's first tokens), selected-keys (the corpus keys
+    /// that training conversations attend to most, all of the corpus considered), random-text,
+    /// random-vectors, sampled-chunks.
+    #[arg(long, default_value = "corpus", value_parser = ["corpus", "selected-keys", "random-text", "random-vectors", "sampled-chunks"])]
     pub init: String,
     /// Loss: distill (teacher top-k) or tokens (next-token prediction, for ablations).
     #[arg(long, default_value = "distill", value_parser = ["distill", "tokens"])]
@@ -122,6 +123,7 @@ impl TrainArgs {
                 "random-text" => InitKind::RandomText,
                 "random-vectors" => InitKind::RandomVectors,
                 "sampled-chunks" => InitKind::SampledChunks,
+                "selected-keys" => InitKind::SelectedKeys,
                 _ => InitKind::CorpusText,
             },
             objective: match self.objective.as_str() {
@@ -154,7 +156,11 @@ impl TrainArgs {
 
     /// Whether the initialisation or the summary reads the corpus text.
     pub fn needs_corpus(&self) -> bool {
-        self.summary || matches!(self.init.as_str(), "corpus" | "sampled-chunks")
+        self.summary
+            || matches!(
+                self.init.as_str(),
+                "corpus" | "sampled-chunks" | "selected-keys"
+            )
     }
 
     /// With `--summary`: the model's summary of `corpus`, written by `backend` (the teacher).

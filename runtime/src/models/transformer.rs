@@ -36,6 +36,7 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
@@ -43,6 +44,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::attention::{self, Visibility};
+use crate::attention_received;
 use crate::decode_attention;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
@@ -469,7 +471,7 @@ impl Transformer {
             )));
         }
         let x = self.embed(tokens)?;
-        self.run_layout(prefix, None, x, logits, path, false, Some(segments))?
+        self.run_layout(prefix, None, x, logits, path, false, Some(segments), None)?
             .0
             .ok_or_else(|| Error::Msg("forward asked for no logits".into()))
     }
@@ -489,6 +491,73 @@ impl Transformer {
         let mut cache = self.new_cache(1);
         self.forward(prefix, Some(&mut cache), &ids, Logits::Last, Path::Infer)?;
         cache.to_prefix(0)
+    }
+
+    /// Per-layer K/V of `tokens` (positions `0..n-1`, as [`Self::prefix_kv`] without a prefix)
+    /// and, per layer, the attention each key receives from the query rows `observers` of the
+    /// same tokens: `[kv_heads, n]` f32 (see [`attention_received::attention_received`]).
+    /// One forward of all the tokens, so they must fit the model's positions.
+    pub fn attention_received(
+        &self,
+        tokens: &[u32],
+        observers: Range<usize>,
+    ) -> Result<(PrefixKv, Vec<Tensor>)> {
+        let n = tokens.len();
+        if observers.is_empty() || observers.end > n {
+            return Err(Error::Msg(format!(
+                "observer rows {observers:?} outside the {n} tokens"
+            )));
+        }
+        let ids = Tensor::from_vec(tokens.to_vec(), (1, n), &self.device)?;
+        let x = self.embed(&ids)?;
+        let mut queries = Vec::new();
+        let (_, kv) = self.run_layout(
+            None,
+            None,
+            x,
+            Logits::None,
+            Path::Infer,
+            true,
+            None,
+            Some(&mut queries),
+        )?;
+        let groups = self.cfg.num_attention_heads / self.cfg.num_kv_heads;
+        let mut layers = Vec::with_capacity(kv.len());
+        let mut received = Vec::with_capacity(kv.len());
+        for ((k, v), q) in kv.into_iter().zip(queries) {
+            let (k, v) = (k.squeeze(0)?, v.squeeze(0)?);
+            received.push(attention_received::attention_received(
+                &q.squeeze(0)?,
+                &k,
+                groups,
+                observers.clone(),
+            )?);
+            layers.push((k, v));
+        }
+        Ok((PrefixKv::new(layers)?, received))
+    }
+
+    /// Post-RoPE keys `[kv_heads, n, head_dim]` moved from the positions they were computed at
+    /// (`from[h][j]`: head `h`, slot `j`) to the positions `to[j]`. RoPE rotates each frequency
+    /// pair by an angle proportional to the position, so undoing one rotation and applying
+    /// another moves a key exactly (up to rounding), without the text that produced it.
+    pub fn move_keys(&self, keys: &Tensor, from: &[Vec<u32>], to: &[u32]) -> Result<Tensor> {
+        let (kvh, n, _) = keys.dims3()?;
+        if from.len() != kvh || from.iter().any(|f| f.len() != n) || to.len() != n {
+            return Err(Error::Msg(format!(
+                "moving keys {:?}: {} position lists of lengths {:?}, {} targets",
+                keys.dims(),
+                from.len(),
+                from.iter().map(Vec::len).collect::<Vec<_>>(),
+                to.len()
+            )));
+        }
+        // Heads as the batch: [kvh, 1, n, d] with per-head angles [kvh, n, d/2].
+        let x = keys.unsqueeze(1)?;
+        let (cos, sin) = self.rope.gather(from)?;
+        let back = ops::rope(&x, &cos, &sin.neg()?, Path::Train)?;
+        let (cos, sin) = self.rope.gather(&vec![to.to_vec(); kvh])?;
+        Ok(ops::rope(&back, &cos, &sin, Path::Train)?.squeeze(1)?)
     }
 
     /// Per-layer K/V of input embeddings `[n, hidden]` placed after `prefix`. With
@@ -524,10 +593,12 @@ impl Transformer {
         path: Path,
         collect_kv: bool,
     ) -> Result<(Option<Tensor>, Vec<(Tensor, Tensor)>)> {
-        self.run_layout(prefix, cache, x, logits, path, collect_kv, None)
+        self.run_layout(prefix, cache, x, logits, path, collect_kv, None, None)
     }
 
-    /// [`Self::run`] with optional packed rows (see [`Self::forward_packed`]; no cache then).
+    /// [`Self::run`] with optional packed rows (see [`Self::forward_packed`]; no cache then), and
+    /// optionally each layer's scaled post-RoPE queries `[b, kv_heads, groups * t, head_dim]`
+    /// pushed to `queries` (for attention statistics).
     #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn run_layout(
         &self,
@@ -538,6 +609,7 @@ impl Transformer {
         path: Path,
         collect_kv: bool,
         packed: Option<&[Vec<usize>]>,
+        mut queries: Option<&mut Vec<Tensor>>,
     ) -> Result<(Option<Tensor>, Vec<(Tensor, Tensor)>)> {
         let cfg = &self.cfg;
         let (b, t, hidden) = x.dims3()?;
@@ -624,7 +696,7 @@ impl Transformer {
         for (li, layer) in self.layers.iter().enumerate() {
             let h = ops::rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps, path)?;
             let pl = prefix.and_then(|p| p.layer(li));
-            let (attn, k, v) = self.attention(
+            let (attn, k, v, q) = self.attention(
                 layer,
                 &h,
                 pl,
@@ -635,6 +707,9 @@ impl Transformer {
             )?;
             if collect_kv {
                 kvs.push((k, v));
+            }
+            if let Some(qs) = queries.as_deref_mut() {
+                qs.push(q);
             }
             x = (x + attn)?;
             if li + 1 == n_layers && logits == Logits::None {
@@ -736,7 +811,7 @@ impl Transformer {
         (cos, sin): (&Tensor, &Tensor),
         masking: &Masking,
         path: Path,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
         let cfg = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -781,12 +856,12 @@ impl Transformer {
                     .reshape((b, h, t, d))?
                     .transpose(1, 2)?
                     .reshape((b, t, h * d))?;
-                return Ok((layer.o.forward(&out, path)?, k, v));
+                return Ok((layer.o.forward(&out, path)?, k, v, qg));
             }
             Masking::Decode(pads) => {
                 let out = decode_attention::decode_attention(&qg, prefix, &kc, &vc, pads)?
                     .reshape((b, t, h * d))?;
-                return Ok((layer.o.forward(&out, path)?, k, v));
+                return Ok((layer.o.forward(&out, path)?, k, v, qg));
             }
             Masking::Additive(mask) => mask.as_ref(),
         };
@@ -849,6 +924,6 @@ impl Transformer {
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, h * d))?;
-        Ok((layer.o.forward(&out, path)?, k, v))
+        Ok((layer.o.forward(&out, path)?, k, v, qg))
     }
 }

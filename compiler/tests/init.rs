@@ -1,0 +1,148 @@
+//! Selected-keys initialisation keeps, per layer and KV head, exactly the corpus keys the corpus
+//! attends to most, with their values untouched and their keys moved to the cartridge's slots.
+
+mod common;
+
+use candle_core::Tensor;
+use cartridge_compiler::init::{init_kv, select_corpus_kv};
+use cartridge_compiler::InitKind;
+use common::{tiny_model, tokens};
+
+/// Max |a - b|.
+fn diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn selected_keys_are_each_heads_most_attended_keys() {
+    let (model, _) = tiny_model(3, "m");
+    let corpus = tokens(11, 200);
+    let p = 24;
+    let cart = select_corpus_kv(&model, p, &corpus).expect("select");
+    assert_eq!(cart.len(), p);
+    let (full, received) = model
+        .attention_received(&corpus, 0..corpus.len())
+        .expect("stats");
+    let mut distinct_choices = 0;
+    for (li, ((k, v), r)) in full.layers().iter().zip(&received).enumerate() {
+        let (ck, cv) = cart.layer(li).unwrap();
+        let scores = r.to_vec2::<f32>().unwrap();
+        let mut chosen_per_head = Vec::new();
+        for (h, s) in scores.iter().enumerate() {
+            // The reference choice: slot 0, then the best p - 1 of positions 1.., in order.
+            let mut order: Vec<usize> = (1..corpus.len()).collect();
+            order.sort_by(|&a, &b| s[b].total_cmp(&s[a]));
+            let mut chosen: Vec<usize> = order[..p - 1].to_vec();
+            chosen.sort();
+            chosen.insert(0, 0);
+            for (slot, &pos) in chosen.iter().enumerate() {
+                let want_v = v.narrow(0, h, 1).unwrap().narrow(1, pos, 1).unwrap();
+                let got_v = cv.narrow(0, h, 1).unwrap().narrow(1, slot, 1).unwrap();
+                assert_eq!(
+                    diff(&want_v, &got_v),
+                    0.0,
+                    "layer {li} head {h} slot {slot}"
+                );
+                let key = k.narrow(0, h, 1).unwrap().narrow(1, pos, 1).unwrap();
+                let moved = model
+                    .move_keys(&key, &[vec![pos as u32]], &[slot as u32])
+                    .unwrap();
+                let got_k = ck.narrow(0, h, 1).unwrap().narrow(1, slot, 1).unwrap();
+                assert!(
+                    diff(&moved, &got_k) < 1e-5,
+                    "layer {li} head {h} slot {slot}"
+                );
+            }
+            chosen_per_head.push(chosen);
+        }
+        if chosen_per_head.windows(2).any(|w| w[0] != w[1]) {
+            distinct_choices += 1;
+        }
+    }
+    // Heads really choose for themselves (on a random model they disagree somewhere).
+    assert!(distinct_choices > 0);
+    // Through `init_kv` the same cartridge comes out.
+    let via = init_kv(&model, p, InitKind::SelectedKeys, Some(&corpus), 0).expect("init");
+    for (a, b) in via.layers().iter().zip(cart.layers()) {
+        assert_eq!(diff(&a.0, &b.0), 0.0);
+        assert_eq!(diff(&a.1, &b.1), 0.0);
+    }
+}
+
+#[test]
+fn a_corpus_longer_than_the_window_is_scored_in_segments() {
+    let (model, _) = tiny_model(3, "m");
+    let window = model.config().max_position_embeddings;
+    let corpus = tokens(12, 2 * window + 40);
+    let p = 64;
+    let cart = select_corpus_kv(&model, p, &corpus).expect("select");
+    assert_eq!(cart.len(), p);
+    // Slot 0 is the corpus's first token at position 0 (up to the rounding of a longer forward).
+    let first = model.prefix_kv(None, &corpus[..1]).expect("kv");
+    for (li, (k, v)) in cart.layers().iter().enumerate() {
+        let (fk, fv) = first.layer(li).unwrap();
+        assert!(diff(&k.narrow(1, 0, 1).unwrap(), fk) < 1e-5);
+        assert!(diff(&v.narrow(1, 0, 1).unwrap(), fv) < 1e-5);
+    }
+    // Every value comes from some segment's KV (the segments' own forwards, here prefilled in
+    // chunks, hence the tolerance), none of them a
+    // later segment's first token (its attention sink).
+    let segments: Vec<_> = corpus
+        .chunks(window)
+        .map(|s| model.prefix_kv(None, s).expect("kv"))
+        .collect();
+    let (_, v) = cart.layer(1).unwrap();
+    let seg_v: Vec<Tensor> = segments
+        .iter()
+        .map(|s| s.layer(1).unwrap().1.clone())
+        .collect();
+    for h in 0..v.dim(0).unwrap() {
+        for slot in 1..p {
+            let got = v.narrow(0, h, 1).unwrap().narrow(1, slot, 1).unwrap();
+            // The closest (segment, position): it must match and must not be a first token.
+            let (best, at) = seg_v
+                .iter()
+                .flat_map(|sv| {
+                    let sv = sv.narrow(0, h, 1).unwrap();
+                    (0..sv.dim(1).unwrap())
+                        .map(|j| (diff(&sv.narrow(1, j, 1).unwrap(), &got), j))
+                        .collect::<Vec<_>>()
+                })
+                .min_by(|a, b| a.0.total_cmp(&b.0))
+                .unwrap();
+            assert!(
+                best < 1e-5,
+                "head {h} slot {slot}: value from no segment position"
+            );
+            assert!(
+                at > 0,
+                "head {h} slot {slot}: a segment's first token was selected"
+            );
+        }
+    }
+}
+
+#[test]
+fn selected_keys_need_enough_corpus_and_a_kv_cartridge() {
+    let (model, _) = tiny_model(3, "m");
+    let corpus = tokens(13, 10);
+    assert!(select_corpus_kv(&model, 11, &corpus).is_err());
+    assert!(init_kv(&model, 4, InitKind::SelectedKeys, None, 0).is_err());
+    let soft = cartridge_compiler::init::init_soft_prompt(
+        &model,
+        4,
+        InitKind::SelectedKeys,
+        Some(&corpus),
+        0,
+    );
+    assert!(soft.is_err());
+}
