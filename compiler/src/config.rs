@@ -102,7 +102,7 @@ impl Default for TrainConfig {
             artifact: ArtifactKind::Kv,
             tokens: 256,
             frozen_tokens: 1,
-            init: InitKind::CorpusText,
+            init: InitKind::SelectedKeys,
             objective: Objective::Distill,
             lr: 5e-3,
             adam: AdamParams::default(),

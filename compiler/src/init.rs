@@ -18,7 +18,6 @@ use crate::error::{Error, Result};
 #[serde(rename_all = "snake_case")]
 pub enum InitKind {
     /// The KV (or embeddings) of the first tokens of the corpus text the caller passes.
-    #[default]
     CorpusText,
     /// The KV (or embeddings) of uniformly random token ids.
     RandomText,
@@ -30,7 +29,9 @@ pub enum InitKind {
     /// The `p` keys (and their values) of the whole corpus that its readers attend to most, chosen
     /// per layer and KV head and moved to positions `0..p-1` in their corpus order (KV-cache
     /// compression as a starting point; see [`select_corpus_kv`]). Slot 0 keeps the corpus's first
-    /// token, the attention sink.
+    /// token, the attention sink. The default: it starts closer to the corpus in context than
+    /// [`InitKind::CorpusText`] and stays ahead after training (BENCHMARKS.md, "Training").
+    #[default]
     SelectedKeys,
 }
 
@@ -272,14 +273,14 @@ pub fn init_soft_prompt(
         Ok(emb.index_select(&ids, 0)?.to_dtype(DType::F32)?)
     };
     match kind {
-        InitKind::CorpusText => rows(text_ids(corpus_ids, n, "a soft prompt")?),
+        // Selected keys have no counterpart among input embeddings (a key depends on its whole
+        // context): with the default kind, a soft prompt starts from the corpus's first tokens.
+        InitKind::CorpusText | InitKind::SelectedKeys => {
+            rows(text_ids(corpus_ids, n, "a soft prompt")?)
+        }
         InitKind::RandomText => rows(&random_ids(&mut rng, n, vocab)),
         InitKind::SampledChunks => rows(&sampled_ids(&mut rng, corpus_ids, n, "a soft prompt")?),
-        InitKind::SelectedKeys => Err(Error::Config(
-            "selected-keys initialises KV cartridges; a soft prompt starts from corpus, \
-             sampled-chunks, random-text or random-vectors"
-                .into(),
-        )),
+
         InitKind::RandomVectors => {
             let hidden = model.config().hidden_size;
             let scale = std_of(emb)?;

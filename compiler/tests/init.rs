@@ -132,17 +132,17 @@ fn a_corpus_longer_than_the_window_is_scored_in_segments() {
 }
 
 #[test]
-fn selected_keys_need_enough_corpus_and_a_kv_cartridge() {
+fn selected_keys_need_enough_corpus_and_soft_prompts_start_from_the_text() {
     let (model, _) = tiny_model(3, "m");
     let corpus = tokens(13, 10);
     assert!(select_corpus_kv(&model, 11, &corpus).is_err());
     assert!(init_kv(&model, 4, InitKind::SelectedKeys, None, 0).is_err());
-    let soft = cartridge_compiler::init::init_soft_prompt(
-        &model,
-        4,
-        InitKind::SelectedKeys,
-        Some(&corpus),
-        0,
+    // A soft prompt has no keys to select: the default kind starts it from the first tokens.
+    let soft = |kind| {
+        cartridge_compiler::init::init_soft_prompt(&model, 4, kind, Some(&corpus), 0).unwrap()
+    };
+    assert_eq!(
+        diff(&soft(InitKind::SelectedKeys), &soft(InitKind::CorpusText)),
+        0.0
     );
-    assert!(soft.is_err());
 }

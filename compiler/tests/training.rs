@@ -86,10 +86,12 @@ fn held_out_loss_falls_and_frozen_slots_stay() {
     let train_last: f64 = losses[26..].iter().sum::<f64>() / 4.0;
     assert!(train_last < train_first, "{train_first} -> {train_last}");
 
-    // Frozen slot 0 is byte-identical to the initial KV of the corpus's first token; the
+    // Frozen slot 0 is byte-identical to the initial cartridge (the default initialisation); the
     // trainable slots moved.
     let (model, fp) = tiny_model(11, "model-a");
-    let init = model.prefix_kv(None, &corpus()[..8]).unwrap();
+    let init =
+        cartridge_compiler::init::init_kv(&model, 8, cfg().init, Some(&corpus()), cfg().seed)
+            .unwrap();
     let trained = load_cartridge(&out, &fp, &Device::Cpu).expect("the .cart loads and verifies");
     assert_eq!(trained.len(), 8);
     for ((tk, tv), (ik, iv)) in trained.layers().iter().zip(init.layers()) {

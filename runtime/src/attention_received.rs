@@ -5,12 +5,14 @@
 
 use std::ops::Range;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
+use crate::cpu_kernel::{lane_max, mm, Elem};
 use crate::error::{Error, Result};
 
-/// Observer rows scored per matmul: bounds the score buffer to `heads x rows x keys`.
-const ROWS_PER_BLOCK: usize = 128;
+/// Observer rows per task: one score buffer of `rows x keys` per query head of the group.
+const ROWS_PER_TASK: usize = 64;
 
 /// Attention each key receives from the query rows `observers`, causally.
 ///
@@ -19,6 +21,10 @@ const ROWS_PER_BLOCK: usize = 128;
 /// for key `j`, the softmax weight `q_i . k_j` gets, averaged over the group's query heads and the
 /// observer rows `i >= j`; 0 for a key no observer sees. Averaging over the rows that see a key
 /// keeps early keys from winning only because more rows follow them.
+///
+/// Computed on the CPU in f32 whatever the tensors' device (an initialisation-time statistic):
+/// tasks of (KV head, block of rows) score only the keys their rows may see, so the work is the
+/// causal half of `rows x keys`, and the softmax never leaves the task's buffer.
 pub fn attention_received(
     q: &Tensor,
     k: &Tensor,
@@ -39,51 +45,73 @@ pub fn attention_received(
             "attention statistics: observer rows {observers:?} outside 0..{n}"
         )));
     }
-    let dev = k.device();
-    let q = q.to_dtype(DType::F32)?.reshape((kvh, groups, n, d))?;
-    let kt = k.to_dtype(DType::F32)?.t()?.contiguous()?;
-    let mut total = Tensor::zeros((kvh, n), DType::F32, dev)?;
-    let mut start = observers.start;
-    while start < observers.end {
-        let len = ROWS_PER_BLOCK.min(observers.end - start);
-        let qb = q
-            .narrow(2, start, len)?
-            .contiguous()?
-            .reshape((kvh, groups * len, d))?;
-        // Causal: row `start + i` sees keys `0..=start + i`.
-        let mask: Vec<f32> = (0..len)
-            .flat_map(|i| {
-                (0..n).map(move |j| {
-                    if j <= start + i {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
+    let host = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let device = k.device().clone();
+    let (q, k) = (host(q)?, host(k)?);
+    let blocks: Vec<usize> = observers.clone().step_by(ROWS_PER_TASK).collect();
+    let tasks: Vec<(usize, usize)> = (0..kvh)
+        .flat_map(|h| blocks.iter().map(move |&s| (h, s)))
+        .collect();
+    let partial: Vec<(usize, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&(h, start)| {
+            let len = ROWS_PER_TASK.min(observers.end - start);
+            let end = start + len; // keys 0..end are visible to some row of the block
+            let kh = &k[h * n * d..(h + 1) * n * d];
+            let mut acc = vec![0f32; end];
+            let mut scores = vec![0f32; len * end];
+            for g in 0..groups {
+                let qrows = &q[((h * groups + g) * n + start) * d..];
+                mm(
+                    (len, end, d),
+                    &mut scores,
+                    end,
+                    false,
+                    qrows,
+                    (d, 1),
+                    kh,
+                    (1, d),
+                );
+                for (i, row) in scores.chunks_exact_mut(end).enumerate() {
+                    let row = &mut row[..=start + i];
+                    let m = lane_max(row);
+                    let mut sum = 0f32;
+                    for x in row.iter_mut() {
+                        *x = (*x - m).exp_nonpositive();
+                        sum += *x;
                     }
-                })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (len, n), dev)?;
-        let scores = qb
-            .matmul(&kt)?
-            .reshape((kvh, groups, len, n))?
-            .broadcast_add(&mask)?;
-        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-        total = (total + weights.sum(D::Minus2)?.sum(1)?)?;
-        start += len;
+                    let inv = 1.0 / sum;
+                    for (a, x) in acc.iter_mut().zip(row.iter()) {
+                        *a += x * inv;
+                    }
+                }
+            }
+            (h, acc)
+        })
+        .collect();
+    let mut total = vec![0f64; kvh * n];
+    for (h, acc) in partial {
+        for (t, a) in total[h * n..].iter_mut().zip(acc) {
+            *t += a as f64;
+        }
     }
     // Rows that see key j: observers.start.max(j)..observers.end, times the group's heads.
-    let counts: Vec<f32> = (0..n)
-        .map(|j| {
+    let out: Vec<f32> = total
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            let j = i % n;
             let seen = observers.end.saturating_sub(observers.start.max(j));
             if seen == 0 {
                 0.0
             } else {
-                1.0 / (seen * groups) as f32
+                (t / (seen * groups) as f64) as f32
             }
         })
         .collect();
-    let inv = Tensor::from_vec(counts, (1, n), dev)?;
-    Ok(total.broadcast_mul(&inv)?)
+    Ok(Tensor::from_vec(out, (kvh, n), &device)?)
 }
 
 #[cfg(test)]

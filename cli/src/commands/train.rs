@@ -41,10 +41,10 @@ pub struct TrainArgs {
     /// Leading cartridge slots kept frozen (the attention sink).
     #[arg(long, default_value_t = TrainConfig::default().frozen_tokens)]
     pub frozen_tokens: usize,
-    /// Initialisation: corpus (KV of the corpus's first tokens), selected-keys (the corpus keys
-    /// that training conversations attend to most, all of the corpus considered), random-text,
-    /// random-vectors, sampled-chunks.
-    #[arg(long, default_value = "corpus", value_parser = ["corpus", "selected-keys", "random-text", "random-vectors", "sampled-chunks"])]
+    /// Initialisation: selected-keys (per layer and head, the keys of the whole corpus that reading
+    /// it attends to most), corpus (KV of the corpus's first tokens), random-text, random-vectors,
+    /// sampled-chunks.
+    #[arg(long, default_value = "selected-keys", value_parser = ["corpus", "selected-keys", "random-text", "random-vectors", "sampled-chunks"])]
     pub init: String,
     /// Loss: distill (teacher top-k) or tokens (next-token prediction, for ablations).
     #[arg(long, default_value = "distill", value_parser = ["distill", "tokens"])]
@@ -123,8 +123,8 @@ impl TrainArgs {
                 "random-text" => InitKind::RandomText,
                 "random-vectors" => InitKind::RandomVectors,
                 "sampled-chunks" => InitKind::SampledChunks,
-                "selected-keys" => InitKind::SelectedKeys,
-                _ => InitKind::CorpusText,
+                "corpus" => InitKind::CorpusText,
+                _ => InitKind::SelectedKeys,
             },
             objective: match self.objective.as_str() {
                 "tokens" => Objective::Tokens,
@@ -199,7 +199,7 @@ pub struct Args {
     /// The .cart to write.
     #[arg(long)]
     out: PathBuf,
-    /// The corpus the dataset came from (needed by --init corpus and sampled-chunks).
+    /// The corpus the dataset came from (needed by --init corpus, selected-keys and sampled-chunks).
     #[arg(long)]
     corpus: Option<PathBuf>,
     /// Continue from the checkpoint next to --out.
