@@ -1,10 +1,13 @@
 //! Make a cartridge from the KV of a text's first `p` tokens and use it.
 //!
 //! ```sh
-//! cargo run --release -p cartridge-examples --example corpus_kv -- TEXT_FILE OUT.cart [P] [DEVICE]
+//! cargo run --release -p cartridge-examples --example corpus_kv -- TEXT_FILE OUT.cart [P] [DEVICE] [first|selected]
 //! ```
 //!
-//! DEVICE is `cpu` (the default), `cuda` or `cuda:N` (built with `--features cuda`).
+//! DEVICE is `cpu` (the default), `cuda` or `cuda:N` (built with `--features cuda`). `selected`
+//! keeps instead, per layer and KV head, the `p` keys of the whole text that reading it attends to
+//! most (`cartridge train --init selected-keys` without the training); the equality check below
+//! is then skipped, since such a cartridge is no longer the KV of a prompt.
 //!
 //! The KV of a text, stored post-RoPE at positions 0..p-1, is exactly what a cartridge is; training
 //! starts from it by default (DESIGN.md §5). With it in front, the model's next-token distribution
@@ -26,13 +29,18 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (text_path, out) = match args.as_slice() {
         [t, o, ..] => (PathBuf::from(t), PathBuf::from(o)),
-        _ => bail!("usage: corpus_kv TEXT_FILE OUT.cart [P] [DEVICE]"),
+        _ => bail!("usage: corpus_kv TEXT_FILE OUT.cart [P] [DEVICE] [first|selected]"),
     };
     let p: usize = match args.get(2) {
         Some(s) => s.parse().context("P must be a number")?,
         None => 256,
     };
     let device = device::parse(args.get(3).map_or("cpu", String::as_str))?.open()?;
+    let selected = match args.get(4).map(String::as_str) {
+        None | Some("first") => false,
+        Some("selected") => true,
+        Some(other) => bail!("unknown initialisation {other:?}: first or selected"),
+    };
     let loaded = loader::load_default(&device)?;
     let model = Transformer::load(loaded.var_builder(), &loaded.config)?;
     let text = std::fs::read_to_string(&text_path)
@@ -47,11 +55,20 @@ fn main() -> Result<()> {
     }
     let prefix = &ids[..p];
 
-    let kv = model.prefix_kv(None, prefix)?;
+    let kv = if selected {
+        cartridge_compiler::init::select_corpus_kv(&model, p, &ids)?
+    } else {
+        model.prefix_kv(None, prefix)?
+    };
+    let init = if selected {
+        "selected_keys"
+    } else {
+        "first_tokens"
+    };
     let provenance = Provenance {
         created: cartridge_formats::time::now_rfc3339(),
         corpus_digest: Some(sha256_hex(text.as_bytes())),
-        training: serde_json::json!({ "init": "first_tokens", "tokens": p, "steps": 0 }),
+        training: serde_json::json!({ "init": init, "tokens": p, "steps": 0 }),
         ..Provenance::default()
     };
     save_cartridge(
@@ -63,10 +80,14 @@ fn main() -> Result<()> {
         Compression::None,
     )?;
     println!(
-        "wrote {} ({p} tokens of {})",
+        "wrote {} ({p} {} of {})",
         out.display(),
+        if selected { "selected keys" } else { "tokens" },
         text_path.display()
     );
+    if selected {
+        return Ok(());
+    }
 
     // Use it: the question after the cartridge vs after the text itself.
     let cart = load_cartridge(&out, &loaded.fingerprint, &device)?;
