@@ -12,7 +12,7 @@ use cartridge_runtime::chat_template::ChatMessage;
 use cartridge_runtime::device::{self, DeviceSpec};
 use cartridge_runtime::generate::SamplingParams;
 use cartridge_runtime::loader::{self, LoadedModel};
-use cartridge_runtime::{Path as ComputePath, PrefixKv, PrefixStack, Transformer};
+use cartridge_runtime::{Composition, Path as ComputePath, PrefixKv, PrefixStack, Transformer};
 
 /// Which model to run.
 #[derive(Debug, Clone, clap::Args)]
@@ -83,9 +83,30 @@ pub struct PrefixArgs {
     /// A KV cartridge to attend to; repeat to compose several (in the order given).
     #[arg(long = "cartridge", value_name = "FILE.cart")]
     pub cartridges: Vec<PathBuf>,
+    /// How several cartridges share positions.
+    #[arg(long, value_enum, default_value_t = ComposeArg::Overlap)]
+    pub compose: ComposeArg,
     /// A soft prompt placed after the cartridges (its summary text, if any, becomes the system message).
     #[arg(long, value_name = "FILE.cart")]
     pub soft_prompt: Option<PathBuf>,
+}
+
+/// `--compose`: how several cartridges share positions ([`Composition`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ComposeArg {
+    /// Each keeps the positions it was trained at (0..p-1), as `cartridge compose` writes them.
+    Overlap,
+    /// Each later one drops its first (attention-sink) slot and follows the ones before it.
+    Follow,
+}
+
+impl From<ComposeArg> for Composition {
+    fn from(arg: ComposeArg) -> Self {
+        match arg {
+            ComposeArg::Overlap => Composition::Overlap,
+            ComposeArg::Follow => Composition::Follow,
+        }
+    }
 }
 
 /// How to pick tokens.
@@ -153,7 +174,7 @@ impl Session {
         // Cartridges go where the model is: copied there once, here, and reused by every turn.
         let device = loaded.device.clone();
         let transformer = model.transformer(&loaded)?;
-        let mut stack = PrefixStack::new();
+        let mut stack = PrefixStack::new().with_composition(prefix.compose.into());
         for cart in &prefix.cartridges {
             stack = stack.with_cartridge(load_cartridge(cart, &loaded.fingerprint, &device)?);
         }

@@ -36,4 +36,4 @@ pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use models::{Logits, Transformer};
 pub use ops::Path;
-pub use prefix::{PrefixKv, PrefixStack};
+pub use prefix::{Composition, PrefixKv, PrefixStack};

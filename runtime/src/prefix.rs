@@ -4,10 +4,12 @@
 //!
 //! # Positions
 //! A cartridge stores, per layer, keys **after** RoPE and values, `[num_kv_heads, p, head_dim]`.
-//! The runtime never re-rotates stored keys: a key keeps the position it was computed (or trained)
-//! at. A cartridge trained on its own carries positions `0..p-1`. Composing cartridges concatenates
-//! them along the sequence axis in the order given, so a composed second cartridge still carries
-//! *its own* positions (`0..p2-1` if trained alone) — that is the paper's composition. A cartridge
+//! By default ([`Composition::Overlap`]) the runtime never re-rotates stored keys: a key keeps the
+//! position it was computed (or trained) at. A cartridge trained on its own carries positions
+//! `0..p-1`. Composing cartridges concatenates them along the sequence axis in the order given, so a
+//! composed second cartridge still carries *its own* positions (`0..p2-1` if trained alone) — that
+//! is the paper's composition, and what `cartridge compose` writes. [`Composition::Follow`] is the
+//! alternative: see there. A cartridge
 //! made from the KV of a corpus part computed *after* an earlier part (positions `p1..p1+p2-1`,
 //! see [`crate::models::Transformer::prefix_kv`]) carries those positions instead, and then the
 //! composition is exactly the KV of the concatenated text. Since every key carries its own
@@ -171,6 +173,35 @@ impl PrefixKv {
     }
 }
 
+/// How several cartridges share positions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Composition {
+    /// Every cartridge keeps the positions it was trained at (`0..p-1` each): the paper's
+    /// composition, and what the offline `cartridge compose` writes.
+    #[default]
+    Overlap,
+    /// The first cartridge keeps its positions; each later one drops its first slot (the attention
+    /// sink: every cartridge made here starts with its corpus's first token, frozen) and its other
+    /// keys are re-rotated to follow the slots before it, as if the corpora had been read one after
+    /// the other behind one sink. The last cartridge then sits at the same distance from the user's
+    /// tokens as when it was trained alone, and the model sees one sink instead of several.
+    Follow,
+}
+
+impl Composition {
+    /// Slots taken by cartridges of these lengths once composed (empty ones take none).
+    pub fn slots(self, lens: impl IntoIterator<Item = usize>) -> usize {
+        let (count, total) = lens
+            .into_iter()
+            .filter(|&n| n > 0)
+            .fold((0, 0), |(c, t), n| (c + 1, t + n));
+        match self {
+            Composition::Overlap => total,
+            Composition::Follow => total - usize::saturating_sub(count, 1),
+        }
+    }
+}
+
 /// Zero or more cartridges followed by zero or more soft prompts.
 #[derive(Debug, Clone, Default)]
 pub struct PrefixStack {
@@ -178,6 +209,8 @@ pub struct PrefixStack {
     pub cartridges: Vec<PrefixKv>,
     /// Soft prompts `[n, hidden]`, placed after all cartridges, in this order.
     pub soft_prompts: Vec<Tensor>,
+    /// How the cartridges share positions.
+    pub composition: Composition,
 }
 
 impl PrefixStack {
@@ -192,6 +225,12 @@ impl PrefixStack {
         self
     }
 
+    /// Choose how the cartridges share positions.
+    pub fn with_composition(mut self, composition: Composition) -> Self {
+        self.composition = composition;
+        self
+    }
+
     /// Append a soft prompt `[n, hidden]`.
     pub fn with_soft_prompt(mut self, embeddings: Tensor) -> Self {
         self.soft_prompts.push(embeddings);
@@ -200,13 +239,20 @@ impl PrefixStack {
 
     /// Total prefix length `P` (cartridge slots + soft-prompt tokens): the user's first position.
     pub fn len(&self) -> usize {
-        let c: usize = self.cartridges.iter().map(PrefixKv::len).sum();
+        let c = self.cartridge_slots();
         let s: usize = self
             .soft_prompts
             .iter()
             .map(|t| t.dim(0).unwrap_or(0))
             .sum();
         c + s
+    }
+
+    /// Slots the composed cartridges take: their lengths, less the sinks [`Composition::Follow`]
+    /// drops.
+    pub fn cartridge_slots(&self) -> usize {
+        self.composition
+            .slots(self.cartridges.iter().map(PrefixKv::len))
     }
 
     /// Whether the stack is empty.
@@ -233,10 +279,10 @@ impl PrefixStack {
                 _ => Ok(c.clone()),
             })
             .collect::<Result<_>>()?;
-        let cart = if carts.is_empty() {
-            None
-        } else {
-            Some(PrefixKv::concat(&carts.iter().collect::<Vec<_>>())?)
+        let cart = match (carts.len(), self.composition) {
+            (0, _) => None,
+            (_, Composition::Overlap) => Some(PrefixKv::concat(&carts.iter().collect::<Vec<_>>())?),
+            (_, Composition::Follow) => Some(follow(model, &carts)?),
         };
         let softs: Vec<Tensor> = self
             .soft_prompts
@@ -262,4 +308,29 @@ impl PrefixStack {
             None => Ok(Some(soft_kv)),
         }
     }
+}
+
+/// [`Composition::Follow`]: the first part as it is, then each later part without its first slot,
+/// its keys moved from positions `1..p` to right after the slots before it.
+fn follow(model: &Transformer, parts: &[PrefixKv]) -> Result<PrefixKv> {
+    let mut placed = vec![parts[0].clone()];
+    let mut next = parts[0].len() as u32;
+    for part in &parts[1..] {
+        let n = part.len() - 1;
+        if n == 0 {
+            continue;
+        }
+        let body = part.narrow(1, n)?;
+        let kv_heads = body.layers[0].0.dim(0)?;
+        let from = vec![(1..=n as u32).collect::<Vec<_>>(); kv_heads];
+        let to: Vec<u32> = (next..next + n as u32).collect();
+        let layers = body
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((model.move_keys(k, &from, &to)?, v.clone())))
+            .collect::<Result<Vec<_>>>()?;
+        placed.push(PrefixKv::new(layers)?);
+        next += n as u32;
+    }
+    PrefixKv::concat(&placed.iter().collect::<Vec<_>>())
 }

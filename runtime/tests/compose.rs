@@ -1,6 +1,7 @@
 //! Offline composition (`cart::compose`, SPEC.md §6) is the runtime's online composition: a model
 //! attending to AB.cart computes exactly (bit for bit) what it computes with A and B stacked per
-//! request, with and without a soft prompt after them.
+//! request, with and without a soft prompt after them. `Composition::Follow` places a later
+//! cartridge after the earlier ones, without its sink.
 
 mod common;
 
@@ -12,7 +13,7 @@ use cartridge_formats::ModelFingerprint;
 use cartridge_runtime::cartridge_file::{load_cartridge, save_cartridge};
 use cartridge_runtime::model_fingerprint::from_hashes;
 use cartridge_runtime::models::{Logits, Transformer};
-use cartridge_runtime::{Path as ComputePath, PrefixKv, PrefixStack};
+use cartridge_runtime::{Composition, Path as ComputePath, PrefixKv, PrefixStack};
 use common::{ids, tiny_model, tokens, ALL};
 
 fn logits(model: &Transformer, stack: &PrefixStack, cont: &[u32]) -> Tensor {
@@ -154,4 +155,104 @@ fn composing_cartridges_of_different_models_is_refused_naming_both() {
         msg.contains("a.cart") && msg.contains("z.cart") && msg.contains("weights_hash"),
         "{msg}"
     );
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .expect("sub")
+        .abs()
+        .expect("abs")
+        .flatten_all()
+        .expect("flat")
+        .max(0)
+        .expect("max")
+        .to_scalar::<f32>()
+        .expect("scalar")
+}
+
+#[test]
+fn follow_composition_places_later_cartridges_after_the_earlier_ones_without_their_sinks() {
+    for arch in ALL {
+        let model = tiny_model(arch, DType::F32);
+        let vocab = model.config().vocab_size;
+        let (a_text, b_text) = (tokens(1, 5, vocab), tokens(2, 4, vocab));
+        let a = model.prefix_kv(None, &a_text).expect("a");
+        let b = model.prefix_kv(None, &b_text).expect("b");
+        let stack = PrefixStack::new()
+            .with_cartridge(a.clone())
+            .with_cartridge(b.clone())
+            .with_composition(Composition::Follow);
+        assert_eq!(stack.len(), 5 + 4 - 1, "{arch:?}: one sink dropped");
+        let got = stack
+            .resolve(&model, ComputePath::Infer)
+            .expect("resolve")
+            .expect("some");
+        assert_eq!(got.len(), stack.len(), "{arch:?}");
+
+        // Layer 0's keys and values depend only on a token and its position, so there the
+        // composition is the KV of A's text followed by B's text less its first token, computed
+        // by the model at those positions (not by re-rotation).
+        let joined: Vec<u32> = a_text.iter().chain(&b_text[1..]).copied().collect();
+        let want = model.prefix_kv(None, &joined).expect("joined");
+        let ((gk, gv), (wk, wv)) = (&got.layers()[0], &want.layers()[0]);
+        assert!(max_abs_diff(gk, wk) < 1e-5, "{arch:?}: layer 0 keys");
+        assert!(max_abs_diff(gv, wv) < 1e-6, "{arch:?}: layer 0 values");
+
+        // Every layer: A's slots untouched, B's values kept, B's keys only rotated.
+        for (l, ((k, v), ((ak, av), (bk, bv)))) in got
+            .layers()
+            .iter()
+            .zip(a.layers().iter().zip(b.layers()))
+            .enumerate()
+        {
+            assert_eq!(
+                bits(&k.narrow(1, 0, 5).expect("n")),
+                bits(ak),
+                "{arch:?} {l}"
+            );
+            assert_eq!(
+                bits(&v.narrow(1, 0, 5).expect("n")),
+                bits(av),
+                "{arch:?} {l}"
+            );
+            let b_values = bv.narrow(1, 1, 3).expect("n");
+            assert_eq!(
+                bits(&v.narrow(1, 5, 3).expect("n")),
+                bits(&b_values),
+                "{arch:?} {l}"
+            );
+            let norms = |t: &Tensor| t.sqr().expect("sq").sum_keepdim(2).expect("sum");
+            let moved = norms(&k.narrow(1, 5, 3).expect("n"));
+            assert!(
+                max_abs_diff(&moved, &norms(&bk.narrow(1, 1, 3).expect("n"))) < 1e-4,
+                "{arch:?} {l}: a rotation keeps each key's norm"
+            );
+        }
+
+        // The check has teeth: the default composition keeps B's keys where they were.
+        let overlap = PrefixStack::new()
+            .with_cartridge(a.clone())
+            .with_cartridge(b.clone())
+            .resolve(&model, ComputePath::Infer)
+            .expect("overlap")
+            .expect("some");
+        let overlap_b = overlap.layers()[0].0.narrow(1, 6, 3).expect("n");
+        assert!(
+            max_abs_diff(&overlap_b, &wk.narrow(1, 5, 3).expect("n")) > 1e-3,
+            "{arch:?}: overlap must differ from follow"
+        );
+
+        // One cartridge: nothing to place.
+        let alone = PrefixStack::new()
+            .with_cartridge(b.clone())
+            .with_composition(Composition::Follow)
+            .resolve(&model, ComputePath::Infer)
+            .expect("alone")
+            .expect("some");
+        assert_eq!(
+            bits(&alone.layers()[1].0),
+            bits(&b.layers()[1].0),
+            "{arch:?}"
+        );
+    }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use cartridge_runtime::batch_decoder::{SeqId, TokenEvent};
 use cartridge_runtime::generate::GenerateRequest;
-use cartridge_runtime::{BatchDecoder, Path, PrefixKv, PrefixStack, Transformer};
+use cartridge_runtime::{BatchDecoder, Composition, Path, PrefixKv, PrefixStack, Transformer};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::ApiError;
@@ -53,6 +53,8 @@ pub struct PrefixParts {
     pub cartridges: Vec<Arc<PrefixKv>>,
     /// A soft prompt `[n, hidden]` after them.
     pub soft_prompt: Option<Arc<Tensor>>,
+    /// How the cartridges share positions (the server's `--compose`).
+    pub composition: Composition,
 }
 
 impl PrefixParts {
@@ -62,7 +64,9 @@ impl PrefixParts {
             .soft_prompt
             .as_ref()
             .map_or(0, |t| t.dim(0).unwrap_or(0));
-        self.cartridges.iter().map(|c| c.len()).sum::<usize>() + soft
+        self.composition
+            .slots(self.cartridges.iter().map(|c| c.len()))
+            + soft
     }
 
     /// Whether there is no prefix.
@@ -249,6 +253,7 @@ impl Engine {
                     .iter()
                     .map(|t| (**t).clone())
                     .collect(),
+                composition: job.prefix.composition,
             };
             let prefix = stack
                 .resolve(&self.model, Path::Infer)

@@ -79,6 +79,8 @@ pub struct ServerConfig {
     pub model_name: Option<String>,
     /// Tokio worker threads for HTTP (the model runs on its own thread).
     pub http_threads: usize,
+    /// How a request's cartridges share positions.
+    pub composition: cartridge_runtime::Composition,
 }
 
 impl ServerConfig {
@@ -93,6 +95,7 @@ impl ServerConfig {
             limits: Limits::default(),
             model_name: None,
             http_threads: 2,
+            composition: cartridge_runtime::Composition::Overlap,
         }
     }
 }
@@ -199,6 +202,7 @@ pub fn spawn(
         metrics: metrics.clone(),
         info,
         limits: config.limits.clone(),
+        composition: config.composition,
     });
     let listener =
         std::net::TcpListener::bind(config.addr).map_err(io(format!("binding {}", config.addr)))?;

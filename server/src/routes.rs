@@ -63,6 +63,8 @@ pub struct AppState {
     pub info: ModelInfo,
     /// Per-request limits.
     pub limits: Limits,
+    /// How a request's cartridges share positions.
+    pub composition: cartridge_runtime::Composition,
 }
 
 type Shared = Arc<AppState>;
@@ -233,7 +235,10 @@ async fn completions(State(s): State<Shared>, req: Request) -> Response {
 
 /// The cartridges and soft prompt a request names, loaded (blocking).
 fn prefix_of(s: &AppState, c: &Common) -> Result<(PrefixParts, Option<String>), ApiError> {
-    let mut parts = PrefixParts::default();
+    let mut parts = PrefixParts {
+        composition: s.composition,
+        ..PrefixParts::default()
+    };
     let refs = c.cartridges.as_deref().unwrap_or(&[]);
     if refs.len() > s.limits.max_cartridges {
         return Err(ApiError::invalid_param(

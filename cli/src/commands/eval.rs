@@ -16,14 +16,14 @@ use cartridge_eval::{
 };
 use cartridge_formats::dataset::{Dataset, ReadOptions};
 use cartridge_runtime::cartridge_file::{load_cartridge, load_soft_prompt};
-use cartridge_runtime::PrefixKv;
+use cartridge_runtime::{Composition, PrefixKv};
 use cartridge_selfstudy::corpus;
 use cartridge_selfstudy::local::stop_tokens;
 use serde_json::json;
 
 use super::synthesize::CorpusArgs;
 use crate::output::human_bytes;
-use crate::session::ModelArgs;
+use crate::session::{ComposeArg, ModelArgs};
 
 /// Options of `cartridge eval`.
 #[derive(Debug, clap::Args)]
@@ -51,6 +51,9 @@ pub struct Args {
     /// A soft prompt, evaluated as its own mode (and with its summary text, if it has one).
     #[arg(long, value_name = "FILE.cart")]
     soft_prompt: Option<PathBuf>,
+    /// How several cartridges share positions; repeat to evaluate each way as its own mode.
+    #[arg(long, value_enum, default_values_t = [ComposeArg::Overlap])]
+    compose: Vec<ComposeArg>,
     /// With several cartridges, also evaluate each one alone.
     #[arg(long)]
     each: bool,
@@ -158,7 +161,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
         .iter()
         .map(|p| Ok((stem(p), load_cartridge(p, &loaded.fingerprint, &device)?)))
         .collect::<Result<_>>()?;
-    let cartridge_tokens: usize = cartridges.iter().map(|(_, c)| c.len()).sum();
+    let mut composes: Vec<ComposeArg> = Vec::new();
+    for &c in &args.compose {
+        if !composes.contains(&c) {
+            composes.push(c);
+        }
+    }
+    let cartridge_tokens =
+        Composition::from(composes[0]).slots(cartridges.iter().map(|(_, c)| c.len()));
 
     let mut modes = vec![Mode::bare()];
     let mut corpus_tokens = None;
@@ -205,10 +215,21 @@ pub fn run(args: Args) -> Result<ExitCode> {
             .map(|(n, _)| n.as_str())
             .collect::<Vec<_>>()
             .join("+");
-        modes.push(Mode::cartridges(
-            name,
-            cartridges.into_iter().map(|(_, c)| c).collect(),
-        ));
+        let parts: Vec<PrefixKv> = cartridges.into_iter().map(|(_, c)| c).collect();
+        // One cartridge has nothing to compose: one mode, whatever `--compose` says.
+        let several = parts.len() > 1;
+        for (i, &compose) in composes.iter().enumerate() {
+            if i > 0 && !several {
+                break;
+            }
+            let label = match compose {
+                ComposeArg::Follow if several => format!("{name} (follow)"),
+                _ => name.clone(),
+            };
+            let mut mode = Mode::cartridges(label, parts.clone());
+            mode.stack.composition = compose.into();
+            modes.push(mode);
+        }
     }
     if let Some(path) = &args.soft_prompt {
         let soft = load_soft_prompt(path, &loaded.fingerprint, &device)?;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use cartridge_server::{EngineConfig, Limits, ServerConfig};
 
-use crate::session::ModelArgs;
+use crate::session::{ComposeArg, ModelArgs};
 
 /// Options of `cartridge serve`.
 #[derive(Debug, clap::Args)]
@@ -37,6 +37,9 @@ pub struct Args {
     /// this long).
     #[arg(long, default_value_t = EngineConfig::default().prefill_tokens)]
     prefill_tokens: usize,
+    /// How the cartridges a request names share positions.
+    #[arg(long, value_enum, default_value_t = ComposeArg::Overlap)]
+    compose: ComposeArg,
     /// Bytes of cartridges kept in memory; least recently used ones are evicted past it.
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 30)]
     cache_bytes: u64,
@@ -86,6 +89,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         },
         model_name: args.name.clone(),
         http_threads: args.http_threads,
+        composition: args.compose.into(),
     };
     let server = cartridge_server::spawn(config, &loaded, model)
         .with_context(|| format!("starting the server on {}", args.addr))?;
