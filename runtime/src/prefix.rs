@@ -185,6 +185,8 @@ pub enum Composition {
     /// keys are re-rotated to follow the slots before it, as if the corpora had been read one after
     /// the other behind one sink. The last cartridge then sits at the same distance from the user's
     /// tokens as when it was trained alone, and the model sees one sink instead of several.
+    /// Each part must carry positions `0..p-1` (made or trained alone, not a file written by
+    /// `cartridge compose`, whose later slots carry other positions).
     Follow,
 }
 
