@@ -280,7 +280,6 @@ pub fn init_soft_prompt(
         }
         InitKind::RandomText => rows(&random_ids(&mut rng, n, vocab)),
         InitKind::SampledChunks => rows(&sampled_ids(&mut rng, corpus_ids, n, "a soft prompt")?),
-
         InitKind::RandomVectors => {
             let hidden = model.config().hidden_size;
             let scale = std_of(emb)?;

@@ -26,30 +26,7 @@ use cartridge_runtime::cartridge_file::load_cartridge;
 use cartridge_runtime::models::{Logits, Transformer};
 use cartridge_runtime::testing::test_devices;
 use cartridge_runtime::{Path, PrefixKv};
-use common::{corpus, tiny_model, tiny_model_on, tokens, toy_data, VOCAB};
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap();
-    let b = b
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
+use common::{corpus, max_abs_diff, tiny_model, tiny_model_on, tokens, toy_data, VOCAB};
 
 fn ids(toks: &[u32], device: &Device) -> Tensor {
     Tensor::from_vec(toks.to_vec(), (1, toks.len()), device).unwrap()

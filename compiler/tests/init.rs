@@ -6,21 +6,7 @@ mod common;
 use candle_core::Tensor;
 use cartridge_compiler::init::{init_kv, select_corpus_kv};
 use cartridge_compiler::InitKind;
-use common::{tiny_model, tokens};
-
-/// Max |a - b|.
-fn diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use common::{max_abs_diff, tiny_model, tokens};
 
 #[test]
 fn selected_keys_are_each_heads_most_attended_keys() {
@@ -48,7 +34,7 @@ fn selected_keys_are_each_heads_most_attended_keys() {
                 let want_v = v.narrow(0, h, 1).unwrap().narrow(1, pos, 1).unwrap();
                 let got_v = cv.narrow(0, h, 1).unwrap().narrow(1, slot, 1).unwrap();
                 assert_eq!(
-                    diff(&want_v, &got_v),
+                    max_abs_diff(&want_v, &got_v),
                     0.0,
                     "layer {li} head {h} slot {slot}"
                 );
@@ -58,7 +44,7 @@ fn selected_keys_are_each_heads_most_attended_keys() {
                     .unwrap();
                 let got_k = ck.narrow(0, h, 1).unwrap().narrow(1, slot, 1).unwrap();
                 assert!(
-                    diff(&moved, &got_k) < 1e-5,
+                    max_abs_diff(&moved, &got_k) < 1e-5,
                     "layer {li} head {h} slot {slot}"
                 );
             }
@@ -73,8 +59,8 @@ fn selected_keys_are_each_heads_most_attended_keys() {
     // Through `init_kv` the same cartridge comes out.
     let via = init_kv(&model, p, InitKind::SelectedKeys, Some(&corpus), 0).expect("init");
     for (a, b) in via.layers().iter().zip(cart.layers()) {
-        assert_eq!(diff(&a.0, &b.0), 0.0);
-        assert_eq!(diff(&a.1, &b.1), 0.0);
+        assert_eq!(max_abs_diff(&a.0, &b.0), 0.0);
+        assert_eq!(max_abs_diff(&a.1, &b.1), 0.0);
     }
 }
 
@@ -90,8 +76,8 @@ fn a_corpus_longer_than_the_window_is_scored_in_segments() {
     let first = model.prefix_kv(None, &corpus[..1]).expect("kv");
     for (li, (k, v)) in cart.layers().iter().enumerate() {
         let (fk, fv) = first.layer(li).unwrap();
-        assert!(diff(&k.narrow(1, 0, 1).unwrap(), fk) < 1e-5);
-        assert!(diff(&v.narrow(1, 0, 1).unwrap(), fv) < 1e-5);
+        assert!(max_abs_diff(&k.narrow(1, 0, 1).unwrap(), fk) < 1e-5);
+        assert!(max_abs_diff(&v.narrow(1, 0, 1).unwrap(), fv) < 1e-5);
     }
     // Every value comes from some segment's KV (the segments' own forwards, here prefilled in
     // chunks, hence the tolerance), none of them a
@@ -114,7 +100,7 @@ fn a_corpus_longer_than_the_window_is_scored_in_segments() {
                 .flat_map(|sv| {
                     let sv = sv.narrow(0, h, 1).unwrap();
                     (0..sv.dim(1).unwrap())
-                        .map(|j| (diff(&sv.narrow(1, j, 1).unwrap(), &got), j))
+                        .map(|j| (max_abs_diff(&sv.narrow(1, j, 1).unwrap(), &got), j))
                         .collect::<Vec<_>>()
                 })
                 .min_by(|a, b| a.0.total_cmp(&b.0))
@@ -142,7 +128,7 @@ fn selected_keys_need_enough_corpus_and_soft_prompts_start_from_the_text() {
         cartridge_compiler::init::init_soft_prompt(&model, 4, kind, Some(&corpus), 0).unwrap()
     };
     assert_eq!(
-        diff(&soft(InitKind::SelectedKeys), &soft(InitKind::CorpusText)),
+        max_abs_diff(&soft(InitKind::SelectedKeys), &soft(InitKind::CorpusText)),
         0.0
     );
 }

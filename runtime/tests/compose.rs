@@ -14,7 +14,7 @@ use cartridge_runtime::cartridge_file::{load_cartridge, save_cartridge};
 use cartridge_runtime::model_fingerprint::from_hashes;
 use cartridge_runtime::models::{Logits, Transformer};
 use cartridge_runtime::{Composition, Path as ComputePath, PrefixKv, PrefixStack};
-use common::{ids, tiny_model, tokens, ALL};
+use common::{ids, max_abs_diff, tiny_model, tokens, ALL};
 
 fn logits(model: &Transformer, stack: &PrefixStack, cont: &[u32]) -> Tensor {
     let prefix = stack.resolve(model, ComputePath::Infer).expect("resolve");
@@ -155,19 +155,6 @@ fn composing_cartridges_of_different_models_is_refused_naming_both() {
         msg.contains("a.cart") && msg.contains("z.cart") && msg.contains("weights_hash"),
         "{msg}"
     );
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .expect("sub")
-        .abs()
-        .expect("abs")
-        .flatten_all()
-        .expect("flat")
-        .max(0)
-        .expect("max")
-        .to_scalar::<f32>()
-        .expect("scalar")
 }
 
 #[test]

@@ -218,10 +218,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let parts: Vec<PrefixKv> = cartridges.into_iter().map(|(_, c)| c).collect();
         // One cartridge has nothing to compose: one mode, whatever `--compose` says.
         let several = parts.len() > 1;
-        for (i, &compose) in composes.iter().enumerate() {
-            if i > 0 && !several {
-                break;
-            }
+        let ways = if several {
+            &composes[..]
+        } else {
+            &composes[..1]
+        };
+        for &compose in ways {
             let label = match compose {
                 ComposeArg::Follow if several => format!("{name} (follow)"),
                 _ => name.clone(),

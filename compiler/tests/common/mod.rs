@@ -16,6 +16,30 @@ use rand::{Rng, SeedableRng};
 
 pub const VOCAB: usize = TINY_VOCAB;
 
+/// Max |a - b| in f64, on the CPU (either tensor may live on a GPU).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let b = b
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
 /// A tiny random Llama (tied embeddings, GQA 4/2 heads, 3 layers), f32 on the CPU, with a
 /// fingerprint made from `tag` (two tags: two "different" models).
 pub fn tiny_model(seed: u64, tag: &str) -> (Transformer, ModelFingerprint) {
