@@ -1,14 +1,21 @@
-//! `y = x W^T` in f32 for a few rows of `x` (decoding 2-32 sequences) on CPUs with AVX-512.
+//! `y = x W^T` in f32 for inference with a frozen weight on CPUs with AVX-512.
 //!
 //! Why: decoding a small batch is one pass over the weights, but candle's gemm packs the whole
 //! weight into tiles on every call and runs a micro-kernel shaped for many columns; at 8 rows it
 //! reached about a fifth of this machine's matmul rate (a batch-8 decode profile: 58% of the time
-//! in gemm's `x1x6` kernel, plus its packing). Here each group of weight rows is read once, from
-//! memory, and dotted with every row of `x`, which stays in cache; the two cores take disjoint
-//! ranges of output features.
+//! in gemm's `x1x6` kernel, plus its packing). Here the weight is packed once, the first time a
+//! layer decodes ([`PackedWeight`]: panels of 32 output features, input-major), and each panel is
+//! streamed past up to 12 rows of `x` at a time: per input feature, two panel vectors and one
+//! broadcast of each row's value feed 24 accumulators that hold 32 outputs of 12 rows, so no
+//! horizontal sums are needed and every load feeds two or more multiply-adds. The two cores take
+//! disjoint panels.
+//!
+//! An earlier version dotted four unpacked weight rows with six rows of `x` and summed the lanes
+//! at the end; on SmolLM2's shapes the packed kernel runs a model's worth of projections 1.5-2x
+//! faster at 8-32 rows (BENCHMARKS.md, "Runtime").
 //!
 //! The kernel uses AVX-512 intrinsics in functions that run only where the CPU has it (checked at
-//! run time); elsewhere [`xwt`] returns `None` and the caller keeps candle's product.
+//! run time); elsewhere [`PackedWeight::new`] returns `None` and the caller keeps candle's product.
 
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
@@ -18,82 +25,116 @@ use crate::error::Result;
 /// Lanes of one vector register (AVX-512, f32).
 const LANES: usize = 16;
 
-/// Weight rows and rows of `x` dotted in one pass: 4 x 6 accumulators of 16 lanes, plus the four
-/// weight vectors and one of `x`, fill 29 of the 32 vector registers; each step loads 10
-/// vectors for 24 multiply-adds.
-const WEIGHT_ROWS: usize = 4;
-const ROW_BLOCK: usize = 6;
+/// Output features per packed panel: two vector registers.
+const PANEL: usize = 2 * LANES;
 
-/// Rows up to which this kernel beats candle's `(W x^T)^T` on SmolLM2's shapes (measured: 12
-/// rows 1.4x, 24 rows about 1.1x, 32 rows 0.9x of its decode speed).
-pub(crate) const MAX_ROWS: usize = 24;
+/// Rows of `x` per pass over a panel: 2 x 12 accumulators, two panel vectors and one broadcast
+/// fill 27 of the 32 vector registers.
+const ROW_BLOCK: usize = 12;
 
-/// Output features per parallel task: small enough to balance two cores on 576-wide layers,
+/// Values of `x` per pass over the weight (256 KiB): rows are taken in groups this size so that
+/// the group stays in the core's L2 cache while every panel streams past it.
+const X_PER_PASS: usize = 65_536;
+
+/// Panels per parallel task: small enough to balance two cores on 192-wide layers (6 panels),
 /// large enough that a task's overhead is noise.
-const FEATURES_PER_TASK: usize = 64;
+const PANELS_PER_TASK: usize = 2;
 
-/// `x W^T` for `x: [rows, inp]` and a weight `w: [out, inp]` in f32 on the CPU, or `None` where
-/// this kernel does not apply (another dtype or device, a strided operand, no AVX-512).
-pub(crate) fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let (rows, inp) = x.dims2()?;
-    let (out, w_inp) = w.dims2()?;
-    if rows > MAX_ROWS
-        || x.dtype() != DType::F32
-        || w.dtype() != DType::F32
-        || w_inp != inp
-        || !has_avx512()
-    {
-        return Ok(None);
-    }
-    let x = x.contiguous()?;
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else {
-        return Ok(None);
-    };
-    let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
-    else {
-        return Ok(None);
-    };
-    let y = xwt(
-        &xs.as_slice::<f32>()?[x0..x1],
-        rows,
-        &ws.as_slice::<f32>()?[w0..w1],
-        out,
-        inp,
-    );
-    Ok(match y {
-        Some(y) => Some(Tensor::from_vec(y, (rows, out), x.device())?),
-        None => None,
-    })
+/// A frozen weight `[out, inp]` repacked for [`linear`]: panel `p` holds, for every input feature
+/// `k`, the weights of output features `32p..32p + 32` (the last panel padded with zeros).
+#[derive(Debug)]
+pub(crate) struct PackedWeight {
+    data: Vec<f32>,
+    out: usize,
+    inp: usize,
 }
 
-/// `x: [rows, inp]`, `w: [out, inp]`, both row-major; returns `y: [rows, out]`, or `None` when this
-/// CPU has no AVX-512 (then nothing was computed).
-pub(crate) fn xwt(x: &[f32], rows: usize, w: &[f32], out: usize, inp: usize) -> Option<Vec<f32>> {
-    if !has_avx512() || x.len() != rows * inp || w.len() != out * inp {
-        return None;
-    }
-    // y^T in blocks of features (each task's rows contiguous), transposed at the end.
-    let mut yt = vec![0f32; out * rows];
-    yt.par_chunks_mut(FEATURES_PER_TASK * rows)
-        .enumerate()
-        .for_each(|(task, block)| {
-            let o0 = task * FEATURES_PER_TASK;
-            let n = block.len() / rows;
-            // SAFETY: AVX-512F and FMA are present: checked above (never false elsewhere).
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                features_avx512(x, rows, &w[o0 * inp..(o0 + n) * inp], inp, block)
-            };
-        });
-    let mut y = vec![0f32; rows * out];
-    for (o, col) in yt.chunks_exact(rows).enumerate() {
-        for (r, &v) in col.iter().enumerate() {
-            y[r * out + o] = v;
+impl PackedWeight {
+    /// Pack `w: [out, inp]` (f32, on the CPU), or `None` where the kernel does not apply (another
+    /// dtype or device, no AVX-512).
+    pub(crate) fn new(w: &Tensor) -> Result<Option<Self>> {
+        if w.dtype() != DType::F32 || !w.device().is_cpu() || !has_avx512() {
+            return Ok(None);
         }
+        let (out, inp) = w.dims2()?;
+        let w = w.contiguous()?;
+        let (ws, wl) = w.storage_and_layout();
+        let (Storage::Cpu(ws), Some((w0, w1))) = (&*ws, wl.contiguous_offsets()) else {
+            return Ok(None);
+        };
+        let w = &ws.as_slice::<f32>()?[w0..w1];
+        let mut data = vec![0f32; out.div_ceil(PANEL) * inp * PANEL];
+        data.par_chunks_mut(inp * PANEL)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for (j, o) in (p * PANEL..out.min((p + 1) * PANEL)).enumerate() {
+                    for (k, &v) in w[o * inp..(o + 1) * inp].iter().enumerate() {
+                        panel[k * PANEL + j] = v;
+                    }
+                }
+            });
+        Ok(Some(Self { data, out, inp }))
     }
-    Some(y)
+}
+
+/// `x W^T` for `x: [rows, inp]` (f32, on the CPU) and a packed weight.
+pub(crate) fn linear(x: &Tensor, w: &PackedWeight) -> Result<Tensor> {
+    let (rows, inp) = x.dims2()?;
+    if inp != w.inp {
+        return Err(crate::Error::Msg(format!(
+            "small_matmul: x has {inp} features, the weight {}",
+            w.inp
+        )));
+    }
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let y = {
+        let (xs, xl) = x.storage_and_layout();
+        let Storage::Cpu(xs) = &*xs else {
+            return Err(crate::Error::Msg(
+                "small_matmul: x is not on the CPU".into(),
+            ));
+        };
+        let (x0, x1) = xl.contiguous_offsets().expect("made contiguous just above");
+        xwt(&xs.as_slice::<f32>()?[x0..x1], rows, w)
+    };
+    Ok(Tensor::from_vec(y, (rows, w.out), x.device())?)
+}
+
+/// Output pointer shared by the tasks, each of which writes its own panels' columns.
+struct Columns(*mut f32);
+// SAFETY: the tasks write disjoint column ranges of one live buffer (see `xwt`).
+unsafe impl Send for Columns {}
+unsafe impl Sync for Columns {}
+
+/// `x: [rows, inp]` row-major; returns `y: [rows, out]`. Only called on packed weights, which
+/// exist only where the CPU has AVX-512.
+fn xwt(x: &[f32], rows: usize, w: &PackedWeight) -> Vec<f32> {
+    let (out, inp) = (w.out, w.inp);
+    assert_eq!(x.len(), rows * inp, "x is [rows, inp]");
+    let mut y = vec![0f32; rows * out];
+    let panels = out.div_ceil(PANEL);
+    let pass = (X_PER_PASS / inp).max(ROW_BLOCK);
+    for (xs, ys) in x.chunks(pass * inp).zip(y.chunks_mut(pass * out)) {
+        let n = xs.len() / inp;
+        let columns = Columns(ys.as_mut_ptr());
+        (0..panels.div_ceil(PANELS_PER_TASK))
+            .into_par_iter()
+            .for_each(|task| {
+                let columns = &columns;
+                for p in task * PANELS_PER_TASK..((task + 1) * PANELS_PER_TASK).min(panels) {
+                    let panel = &w.data[p * inp * PANEL..(p + 1) * inp * PANEL];
+                    let o0 = p * PANEL;
+                    // SAFETY: AVX-512F and FMA are present (a PackedWeight exists only then);
+                    // this task alone writes columns o0..o0 + PANEL of these rows of y, which
+                    // outlive the loop.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        panel_rows(xs, n, inp, panel, columns.0, out, o0)
+                    };
+                }
+            });
+    }
+    y
 }
 
 fn has_avx512() -> bool {
@@ -107,94 +148,82 @@ fn has_avx512() -> bool {
     }
 }
 
-/// `yt[o * rows + r] = w[o] . x[r]` for the weight rows `w: [n, inp]`.
+/// Columns `o0..o0 + 32` (fewer in the last panel) of every row of `y`, `ROW_BLOCK` rows at a
+/// time and the remainder in blocks of 8, 4, 2, 1 (constant sizes keep the accumulators in
+/// registers).
 ///
 /// # Safety
-/// The CPU must have AVX-512F and FMA.
+/// The CPU must have AVX-512F and FMA; `y` points to `[rows, out]` f32 that nothing else writes
+/// in these columns.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn features_avx512(x: &[f32], rows: usize, w: &[f32], inp: usize, yt: &mut [f32]) {
-    let n = w.len() / inp;
-    let row = |o: usize| &w[o * inp..(o + 1) * inp];
-    let mut o = 0;
-    while o + WEIGHT_ROWS <= n {
-        let ws: [&[f32]; WEIGHT_ROWS] = std::array::from_fn(|i| row(o + i));
-        let out = &mut yt[o * rows..(o + WEIGHT_ROWS) * rows];
-        row_blocks::<WEIGHT_ROWS>(x, rows, inp, ws, out);
-        o += WEIGHT_ROWS;
-    }
-    while o < n {
-        row_blocks::<1>(x, rows, inp, [row(o)], &mut yt[o * rows..(o + 1) * rows]);
-        o += 1;
-    }
-}
-
-/// Dot `W` weight rows with every row of `x`, `ROW_BLOCK` rows at a time and the remainder in
-/// blocks of 4, 2, 1 (constant sizes keep the accumulators in registers). `out[i * rows + r]`.
-///
-/// # Safety
-/// The CPU must have AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn row_blocks<const W: usize>(
+unsafe fn panel_rows(
     x: &[f32],
     rows: usize,
     inp: usize,
-    w: [&[f32]; W],
-    out: &mut [f32],
+    panel: &[f32],
+    y: *mut f32,
+    out: usize,
+    o0: usize,
 ) {
     let mut r = 0;
-    while r + ROW_BLOCK <= rows {
-        block::<W, ROW_BLOCK>(x, r, rows, inp, w, out);
-        r += ROW_BLOCK;
-    }
-    for size in [4, 2, 1] {
-        if r + size <= rows {
-            match size {
-                4 => block::<W, 4>(x, r, rows, inp, w, out),
-                2 => block::<W, 2>(x, r, rows, inp, w, out),
-                _ => block::<W, 1>(x, r, rows, inp, w, out),
-            }
-            r += size;
+    while r < rows {
+        let step = match rows - r {
+            n if n >= ROW_BLOCK => ROW_BLOCK,
+            n if n >= 8 => 8,
+            n if n >= 4 => 4,
+            n if n >= 2 => 2,
+            _ => 1,
+        };
+        let xs = &x[r * inp..(r + step) * inp];
+        match step {
+            ROW_BLOCK => block::<ROW_BLOCK>(xs, inp, panel, y.add(r * out), out, o0),
+            8 => block::<8>(xs, inp, panel, y.add(r * out), out, o0),
+            4 => block::<4>(xs, inp, panel, y.add(r * out), out, o0),
+            2 => block::<2>(xs, inp, panel, y.add(r * out), out, o0),
+            _ => block::<1>(xs, inp, panel, y.add(r * out), out, o0),
         }
+        r += step;
     }
 }
 
+/// `R` rows of `x` (`xs: [R, inp]`) times one panel, into columns `o0..` of the `R` rows of `y`
+/// that start at `y`.
+///
 /// # Safety
-/// The CPU must have AVX-512F; `x` holds rows `r0..r0 + R` of `inp`, each `w[i]` holds `inp`.
+/// The CPU must have AVX-512F and FMA; `panel` holds `inp * PANEL` values; `y` as in
+/// [`panel_rows`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn block<const W: usize, const R: usize>(
-    x: &[f32],
-    r0: usize,
-    rows: usize,
+unsafe fn block<const R: usize>(
+    xs: &[f32],
     inp: usize,
-    w: [&[f32]; W],
-    out: &mut [f32],
+    panel: &[f32],
+    y: *mut f32,
+    out: usize,
+    o0: usize,
 ) {
     use std::arch::x86_64::{
-        _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_reduce_add_ps, _mm512_setzero_ps,
+        _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
     };
-    let mut acc = [[_mm512_setzero_ps(); R]; W];
-    let full = inp / LANES * LANES;
-    let xs: [&[f32]; R] = std::array::from_fn(|r| &x[(r0 + r) * inp..(r0 + r + 1) * inp]);
-    let mut c = 0;
-    while c < full {
-        // SAFETY: c + LANES <= full <= inp, the length of every row read here.
-        let wv: [_; W] = std::array::from_fn(|i| _mm512_loadu_ps(w[i].as_ptr().add(c)));
+    let mut acc = [[_mm512_setzero_ps(); R]; 2];
+    let (xp, pp) = (xs.as_ptr(), panel.as_ptr());
+    for k in 0..inp {
+        // SAFETY: k < inp, so the panel's row k and x[r][k] (r < R) are in bounds.
+        let w0 = _mm512_loadu_ps(pp.add(k * PANEL));
+        let w1 = _mm512_loadu_ps(pp.add(k * PANEL + LANES));
         for r in 0..R {
-            let xv = _mm512_loadu_ps(xs[r].as_ptr().add(c));
-            for i in 0..W {
-                acc[i][r] = _mm512_fmadd_ps(wv[i], xv, acc[i][r]);
-            }
+            let xb = _mm512_set1_ps(*xp.add(r * inp + k));
+            acc[0][r] = _mm512_fmadd_ps(w0, xb, acc[0][r]);
+            acc[1][r] = _mm512_fmadd_ps(w1, xb, acc[1][r]);
         }
-        c += LANES;
     }
-    for i in 0..W {
-        for r in 0..R {
-            let tail: f32 = (full..inp).map(|j| w[i][j] * xs[r][j]).sum();
-            out[i * rows + r0 + r] = _mm512_reduce_add_ps(acc[i][r]) + tail;
-        }
+    let n = PANEL.min(out - o0);
+    for r in 0..R {
+        let mut lanes = [0f32; PANEL];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), acc[0][r]);
+        _mm512_storeu_ps(lanes.as_mut_ptr().add(LANES), acc[1][r]);
+        std::ptr::copy_nonoverlapping(lanes.as_ptr(), y.add(r * out + o0), n);
     }
 }
 
@@ -205,19 +234,29 @@ mod tests {
     #[test]
     fn matches_a_plain_product_on_every_row_count() {
         if !has_avx512() {
-            assert!(xwt(&[0.0; 4], 2, &[0.0; 6], 3, 2).is_none());
+            let w = Tensor::zeros((3, 2), DType::F32, &candle_core::Device::Cpu).unwrap();
+            assert!(PackedWeight::new(&w).unwrap().is_none());
             return;
         }
-        // 133 features (odd, several tasks), 37 inputs (a lane tail), 1-32 rows.
+        // 133 features (odd, several tasks, a partial last panel), 37 inputs, 1-32 rows and enough
+        // rows for two passes.
         let (out, inp) = (133, 37);
         let w: Vec<f32> = (0..out * inp)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
             .collect();
-        for rows in 1..=32 {
+        let cpu = candle_core::Device::Cpu;
+        let packed = PackedWeight::new(&Tensor::from_vec(w.clone(), (out, inp), &cpu).unwrap())
+            .unwrap()
+            .expect("avx-512 present");
+        assert_eq!((packed.out, packed.inp), (out, inp));
+        for rows in (1..=32).chain([1800]) {
             let x: Vec<f32> = (0..rows * inp)
                 .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
                 .collect();
-            let y = xwt(&x, rows, &w, out, inp).expect("avx-512 present");
+            let xt = Tensor::from_vec(x.clone(), (rows, inp), &cpu).unwrap();
+            let y = linear(&xt, &packed).unwrap();
+            assert_eq!(y.dims(), &[rows, out]);
+            let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             for r in 0..rows {
                 for o in 0..out {
                     let want: f64 = (0..inp)
@@ -231,6 +270,7 @@ mod tests {
                 }
             }
         }
-        assert!(xwt(&[0.0; 3], 2, &[0.0; 6], 3, 2).is_none(), "bad x length");
+        let wrong = Tensor::zeros((2, inp + 1), DType::F32, &cpu).unwrap();
+        assert!(linear(&wrong, &packed).is_err(), "x of the wrong width");
     }
 }

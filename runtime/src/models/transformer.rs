@@ -37,7 +37,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -129,8 +129,8 @@ const QUANT_MAX_ROWS: usize = 16;
 /// SmolLM2's shapes (2 cores) the projections run 1.45-5.6x faster at 8-32 rows and the LM head
 /// 1.15x, so decoding 8-32 sequences is 1.5-2.1x faster (BENCHMARKS.md); from 64 rows on the LM
 /// head gets slower, and one row is a matrix-vector product either way. The values are the same.
-/// Where the CPU has AVX-512, up to [`small_matmul::MAX_ROWS`] rows go to our own kernel instead,
-/// which reads the weight once without packing it.
+/// Where the CPU has AVX-512, inference matmuls of any number of rows go to our own kernel
+/// instead, on a copy of the weight packed once for it ([`small_matmul::PackedWeight`]).
 const SMALL_ROWS: usize = 32;
 
 /// candle 0.11 has SIMD dot products for Q4_0, Q8_0 and the k-quants, but only scalar code for
@@ -154,6 +154,10 @@ struct Linear {
     w: Tensor,
     b: Option<Tensor>,
     q: Option<QMatMul>,
+    /// The weight packed for our CPU kernel, made the first time this layer runs an inference
+    /// forward on the CPU (`None` inside where the kernel does not apply). Training never makes
+    /// it, so only inference pays its memory (one more copy of the f32 weights).
+    packed: OnceLock<Option<Arc<small_matmul::PackedWeight>>>,
 }
 
 impl Linear {
@@ -164,7 +168,22 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { w, b, q: None })
+        Ok(Self {
+            w,
+            b,
+            q: None,
+            packed: OnceLock::new(),
+        })
+    }
+
+    /// The packed weight, packed on first use.
+    fn packed(&self) -> Result<Option<Arc<small_matmul::PackedWeight>>> {
+        if let Some(p) = self.packed.get() {
+            return Ok(p.clone());
+        }
+        let p = small_matmul::PackedWeight::new(&self.w)?.map(Arc::new);
+        // Two threads may pack at once; both results are the same, one is kept.
+        Ok(self.packed.get_or_init(|| p).clone())
     }
 
     fn forward(&self, x: &Tensor, path: Path) -> Result<Tensor> {
@@ -178,13 +197,14 @@ impl Linear {
             Some(q) if path == Path::Infer && rows <= QUANT_MAX_ROWS => {
                 q.forward(&x2.contiguous()?)?
             }
-            _ if path == Path::Infer && x.device().is_cpu() && (2..=SMALL_ROWS).contains(&rows) => {
-                // Our small-batch kernel where the CPU has AVX-512, else (W x^T)^T: see SMALL_ROWS.
-                match small_matmul::linear(&x2, &self.w)? {
-                    Some(y) => y,
-                    None => self.w.matmul(&x2.t()?)?.t()?.contiguous()?,
+            _ if path == Path::Infer && x.device().is_cpu() => match self.packed()? {
+                // Our kernel on the packed weight where the CPU has AVX-512 (see small_matmul).
+                Some(packed) => small_matmul::linear(&x2, &packed)?,
+                None if (2..=SMALL_ROWS).contains(&rows) => {
+                    self.w.matmul(&x2.t()?)?.t()?.contiguous()?
                 }
-            }
+                None => ops::frozen_linear(&x2, &self.w, path)?,
+            },
             _ => ops::frozen_linear(&x2, &self.w, path)?,
         };
         let y = match &self.b {
@@ -274,6 +294,7 @@ impl Transformer {
             },
             b: None,
             q: None,
+            packed: OnceLock::new(),
         };
         let scaling = RopeScaling::from_json(cfg.rope_scaling.as_deref())?;
         let rope = RopeTables::new(
