@@ -206,23 +206,23 @@ unsafe fn block<const R: usize>(
     use std::arch::x86_64::{
         _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
     };
-    let mut acc = [[_mm512_setzero_ps(); R]; 2];
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
     let (xp, pp) = (xs.as_ptr(), panel.as_ptr());
     for k in 0..inp {
         // SAFETY: k < inp, so the panel's row k and x[r][k] (r < R) are in bounds.
         let w0 = _mm512_loadu_ps(pp.add(k * PANEL));
         let w1 = _mm512_loadu_ps(pp.add(k * PANEL + LANES));
-        for r in 0..R {
+        for (r, a) in acc.iter_mut().enumerate() {
             let xb = _mm512_set1_ps(*xp.add(r * inp + k));
-            acc[0][r] = _mm512_fmadd_ps(w0, xb, acc[0][r]);
-            acc[1][r] = _mm512_fmadd_ps(w1, xb, acc[1][r]);
+            a[0] = _mm512_fmadd_ps(w0, xb, a[0]);
+            a[1] = _mm512_fmadd_ps(w1, xb, a[1]);
         }
     }
     let n = PANEL.min(out - o0);
-    for r in 0..R {
+    for (r, a) in acc.iter().enumerate() {
         let mut lanes = [0f32; PANEL];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), acc[0][r]);
-        _mm512_storeu_ps(lanes.as_mut_ptr().add(LANES), acc[1][r]);
+        _mm512_storeu_ps(lanes.as_mut_ptr(), a[0]);
+        _mm512_storeu_ps(lanes.as_mut_ptr().add(LANES), a[1]);
         std::ptr::copy_nonoverlapping(lanes.as_ptr(), y.add(r * out + o0), n);
     }
 }
