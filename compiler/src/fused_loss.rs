@@ -13,6 +13,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
+use cartridge_runtime::LinearProducts;
 
 /// Rows per block: a `[ROW_BLOCK, vocab]` buffer (~25 MB for a 49k vocabulary in f32).
 const ROW_BLOCK: usize = 128;
@@ -20,8 +21,8 @@ const ROW_BLOCK: usize = 128;
 /// The fused op; apply it to the target rows' hidden states `[m, hidden]` to get `[m]` losses.
 #[derive(Debug, Clone)]
 pub struct FusedTopkLoss {
-    /// LM head `[vocab, hidden]`.
-    pub lm_head: Tensor,
+    /// The LM head `[vocab, hidden]` and its products.
+    pub lm_head: LinearProducts,
     /// `[m, k]` ids.
     pub ids: Tensor,
     /// `[m, k]` weights, in the hidden states' dtype.
@@ -36,7 +37,7 @@ pub struct FusedTopkLoss {
 impl FusedTopkLoss {
     /// The op for these targets.
     pub fn new(
-        lm_head: Tensor,
+        lm_head: LinearProducts,
         ids: Tensor,
         weights: Tensor,
         weight_sums: Tensor,
@@ -70,7 +71,7 @@ impl FusedTopkLoss {
 /// the matmul, so the log-sum-exp and softmax run in f32 (`weights` and `weight_sums` must be in
 /// that accumulation dtype: f32, or f64 for f64 rows). Plain tensor ops: any device.
 fn blockwise(
-    lm_head: &Tensor,
+    lm_head: &LinearProducts,
     ids: &Tensor,
     weights: &Tensor,
     weight_sums: &Tensor,
@@ -88,7 +89,7 @@ fn blockwise(
         let ids = ids.narrow(0, start, len)?.contiguous()?;
         let w = weights.narrow(0, start, len)?.contiguous()?;
         let s = weight_sums.narrow(0, start, len)?;
-        let z = xb.matmul(&lm_head.t()?)?.to_dtype(acc)?;
+        let z = lm_head.xwt(&xb)?.to_dtype(acc)?;
         let max = z.max_keepdim(D::Minus1)?;
         let e = z.broadcast_sub(&max)?.exp()?;
         let sum = e.sum_keepdim(D::Minus1)?;
@@ -102,7 +103,7 @@ fn blockwise(
         // s * softmax(z) - scatter(w): built in place of `e`.
         let p = e.broadcast_div(&sum)?.broadcast_mul(&s.unsqueeze(1)?)?;
         let dz = p.scatter_add(&ids, &w.neg()?, 1)?;
-        grads.push(dz.to_dtype(lm_head.dtype())?.matmul(lm_head)?);
+        grads.push(lm_head.gw(&dz.to_dtype(lm_head.weight().dtype())?)?);
     }
     let grad = if with_grad {
         Some(Tensor::cat(&grads, 0)?)
@@ -138,7 +139,7 @@ pub fn blockwise_loss_sum(
     let with_grad = rows.track_op();
     let detached = rows.detach();
     let (losses, grad) = blockwise(
-        lm_head,
+        &LinearProducts::plain(lm_head.clone()),
         ids,
         &weights.to_dtype(acc)?,
         &weight_sums.to_dtype(acc)?,

@@ -221,7 +221,7 @@ pub fn target_loss_sum(model: &Transformer, rows: &Tensor, batch: &Batch) -> Res
         && rows.dtype() == model.lm_head_weight().dtype()
     {
         let op = FusedTopkLoss::new(
-            model.lm_head_weight().clone(),
+            model.lm_head_products()?,
             batch.ids.clone(),
             batch.weights.to_dtype(rows.dtype())?,
             batch.weight_sums.to_dtype(rows.dtype())?,

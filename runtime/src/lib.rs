@@ -37,3 +37,4 @@ pub use kv_cache::KvCache;
 pub use models::{Logits, Transformer};
 pub use ops::Path;
 pub use prefix::{Composition, PrefixKv, PrefixStack};
+pub use small_matmul::LinearProducts;

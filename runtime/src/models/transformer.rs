@@ -158,6 +158,9 @@ struct Linear {
     /// forward on the CPU (`None` inside where the kernel does not apply). Training never makes
     /// it, so only inference pays its memory (one more copy of the f32 weights).
     packed: OnceLock<Option<Arc<small_matmul::PackedWeight>>>,
+    /// `W^T` packed the same way, for the training path's backward (`grad W`); made the first
+    /// time this layer runs a training forward.
+    packed_t: OnceLock<Option<Arc<small_matmul::PackedWeight>>>,
 }
 
 impl Linear {
@@ -173,17 +176,24 @@ impl Linear {
             b,
             q: None,
             packed: OnceLock::new(),
+            packed_t: OnceLock::new(),
         })
     }
 
     /// The packed weight, packed on first use.
     fn packed(&self) -> Result<Option<Arc<small_matmul::PackedWeight>>> {
-        if let Some(p) = self.packed.get() {
-            return Ok(p.clone());
-        }
-        let p = small_matmul::PackedWeight::new(&self.w)?.map(Arc::new);
-        // Two threads may pack at once; both results are the same, one is kept.
-        Ok(self.packed.get_or_init(|| p).clone())
+        packed_once(&self.packed, || self.w.clone())
+    }
+
+    /// The packed weight and its packed transpose, packed on first use.
+    fn packed_pair(&self) -> Result<Option<small_matmul::PackedLinear>> {
+        let (Some(w), Some(wt)) = (
+            self.packed()?,
+            packed_once(&self.packed_t, || self.w.t().expect("a 2-D weight"))?,
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(small_matmul::PackedLinear::new(w, wt)))
     }
 
     fn forward(&self, x: &Tensor, path: Path) -> Result<Tensor> {
@@ -205,6 +215,11 @@ impl Linear {
                 }
                 None => ops::frozen_linear(&x2, &self.w, path)?,
             },
+            _ if path == Path::Train && x.device().is_cpu() => match self.packed_pair()? {
+                // The same kernel forward and backward (see small_matmul::PackedLinear).
+                Some(op) => x2.contiguous()?.apply_op1(op)?,
+                None => ops::frozen_linear(&x2, &self.w, path)?,
+            },
             _ => ops::frozen_linear(&x2, &self.w, path)?,
         };
         let y = match &self.b {
@@ -216,6 +231,20 @@ impl Linear {
         out[last] = self.w.dim(0)?;
         Ok(y.reshape(out)?)
     }
+}
+
+/// The content of `cell`, packing `weight()` on first use (`None` inside where the kernel does not
+/// apply).
+fn packed_once(
+    cell: &OnceLock<Option<Arc<small_matmul::PackedWeight>>>,
+    weight: impl FnOnce() -> Tensor,
+) -> Result<Option<Arc<small_matmul::PackedWeight>>> {
+    if let Some(p) = cell.get() {
+        return Ok(p.clone());
+    }
+    let p = small_matmul::PackedWeight::new(&weight())?.map(Arc::new);
+    // Two threads may pack at once; both results are the same, one is kept.
+    Ok(cell.get_or_init(|| p).clone())
 }
 
 #[derive(Debug, Clone)]
@@ -295,6 +324,7 @@ impl Transformer {
             b: None,
             q: None,
             packed: OnceLock::new(),
+            packed_t: OnceLock::new(),
         };
         let scaling = RopeScaling::from_json(cfg.rope_scaling.as_deref())?;
         let rope = RopeTables::new(
@@ -393,6 +423,15 @@ impl Transformer {
     /// The LM head `[vocab, hidden]` (the embedding matrix when tied).
     pub fn lm_head_weight(&self) -> &Tensor {
         &self.lm_head.w
+    }
+
+    /// The LM head's products for a hand-written backward (`compiler`'s fused loss): on our packed
+    /// CPU kernel where it applies, packing the head (and its transpose) on first use.
+    pub fn lm_head_products(&self) -> Result<crate::LinearProducts> {
+        Ok(crate::LinearProducts::packed(
+            self.lm_head.w.clone(),
+            self.lm_head.packed_pair()?,
+        ))
     }
 
     /// The token embedding matrix `[vocab, hidden]` (e.g. to initialise a soft prompt).
