@@ -374,6 +374,34 @@ mod tests {
         }
         let wrong = Tensor::zeros((2, inp + 1), DType::F32, &cpu).unwrap();
         assert!(linear(&wrong, &packed).is_err(), "x of the wrong width");
+        // More inputs than ONE_PASS_INPUTS: all rows in one pass.
+        let (out, inp, rows) = (40, ONE_PASS_INPUTS + 5, 20);
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i % 7) as f32 - 3.0) / 8.0)
+            .collect();
+        let x: Vec<f32> = (0..rows * inp)
+            .map(|i| ((i % 5) as f32 - 2.0) / 4.0)
+            .collect();
+        let wt = Tensor::from_vec(w.clone(), (out, inp), &cpu).unwrap();
+        let long = PackedWeight::new(&wt).unwrap().expect("avx-512 present");
+        let y = linear(
+            &Tensor::from_vec(x.clone(), (rows, inp), &cpu).unwrap(),
+            &long,
+        )
+        .unwrap();
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for r in 0..rows {
+            for o in 0..out {
+                let want: f64 = (0..inp)
+                    .map(|j| x[r * inp + j] as f64 * w[o * inp + j] as f64)
+                    .sum();
+                let got = y[r * out + o] as f64;
+                assert!(
+                    (got - want).abs() < 1e-3,
+                    "long rows: y[{r}][{o}] {got} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]
