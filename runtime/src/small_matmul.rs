@@ -1,10 +1,11 @@
-//! `y = x W^T` in f32 for inference with a frozen weight on CPUs with AVX-512.
+//! `y = x W^T` in f32 with a frozen weight on CPUs with AVX-512 (inference, and the training
+//! path's forward and backward).
 //!
 //! Why: decoding a small batch is one pass over the weights, but candle's gemm packs the whole
 //! weight into tiles on every call and runs a micro-kernel shaped for many columns; at 8 rows it
 //! reached about a fifth of this machine's matmul rate (a batch-8 decode profile: 58% of the time
 //! in gemm's `x1x6` kernel, plus its packing). Here the weight is packed once, the first time a
-//! layer decodes ([`PackedWeight`]: panels of 32 output features, input-major), and each panel is
+//! layer runs ([`PackedWeight`]: panels of 32 output features, input-major), and each panel is
 //! streamed past up to 12 rows of `x` at a time: per input feature, two panel vectors and one
 //! broadcast of each row's value feed 24 accumulators that hold 32 outputs of 12 rows, so no
 //! horizontal sums are needed and every load feeds two or more multiply-adds. The two cores take
@@ -87,25 +88,31 @@ impl PackedWeight {
 
 /// `x W^T` for `x: [rows, inp]` (f32, on the CPU) and a packed weight.
 pub(crate) fn linear(x: &Tensor, w: &PackedWeight) -> Result<Tensor> {
-    let (rows, inp) = x.dims2()?;
-    if inp != w.inp {
-        return Err(crate::Error::Msg(format!(
-            "small_matmul: x has {inp} features, the weight {}",
-            w.inp
-        )));
+    Ok(x.to_dtype(DType::F32)?.contiguous()?.apply_op1_no_bwd(w)?)
+}
+
+/// The packed weight as an op of `x` alone (`x W^T`, no backward: see [`PackedLinear`]).
+impl CustomOp1 for PackedWeight {
+    fn name(&self) -> &'static str {
+        "packed-matmul"
     }
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let y = {
-        let (xs, xl) = x.storage_and_layout();
-        let Storage::Cpu(xs) = &*xs else {
-            return Err(crate::Error::Msg(
-                "small_matmul: x is not on the CPU".into(),
-            ));
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, inp) = l.shape().dims2()?;
+        let (CpuStorage::F32(x), Some((x0, x1))) = (s, l.contiguous_offsets()) else {
+            candle_core::bail!("packed-matmul: x must be contiguous f32");
         };
-        let (x0, x1) = xl.contiguous_offsets().expect("made contiguous just above");
-        xwt(&xs.as_slice::<f32>()?[x0..x1], rows, w)
-    };
-    Ok(Tensor::from_vec(y, (rows, w.out), x.device())?)
+        if inp != self.inp {
+            candle_core::bail!(
+                "packed-matmul: x has {inp} features, the weight {}",
+                self.inp
+            );
+        }
+        Ok((
+            CpuStorage::F32(xwt(&x[x0..x1], rows, self)),
+            (rows, self.out).into(),
+        ))
+    }
 }
 
 /// `x W^T` as a differentiable op of `x` for the training path, the frozen weight held packed:
@@ -130,18 +137,7 @@ impl CustomOp1 for PackedLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, inp) = l.shape().dims2()?;
-        let (CpuStorage::F32(x), Some((x0, x1))) = (s, l.contiguous_offsets()) else {
-            candle_core::bail!("packed-linear: x must be contiguous f32");
-        };
-        if inp != self.w.inp {
-            candle_core::bail!(
-                "packed-linear: x has {inp} features, the weight {}",
-                self.w.inp
-            );
-        }
-        let y = xwt(&x[x0..x1], rows, &self.w);
-        Ok((CpuStorage::F32(y), (rows, self.w.out).into()))
+        self.w.cpu_fwd(s, l)
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -178,7 +174,7 @@ impl LinearProducts {
     /// `x W^T` for `x: [rows, inp]`.
     pub fn xwt(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.packed {
-            Some(op) if Self::fits(x) => x.contiguous()?.apply_op1_no_bwd(op),
+            Some(op) if Self::fits(x) => x.contiguous()?.apply_op1_no_bwd(&*op.w),
             _ => x.matmul(&self.w.t()?),
         }
     }
@@ -186,9 +182,7 @@ impl LinearProducts {
     /// `g W` for `g: [rows, out]`.
     pub fn gw(&self, g: &Tensor) -> candle_core::Result<Tensor> {
         match &self.packed {
-            Some(op) if Self::fits(g) => g
-                .contiguous()?
-                .apply_op1_no_bwd(&PackedLinear::new(op.wt.clone(), op.w.clone())),
+            Some(op) if Self::fits(g) => g.contiguous()?.apply_op1_no_bwd(&*op.wt),
             _ => g.matmul(&self.w),
         }
     }
@@ -358,19 +352,7 @@ mod tests {
             let xt = Tensor::from_vec(x.clone(), (rows, inp), &cpu).unwrap();
             let y = linear(&xt, &packed).unwrap();
             assert_eq!(y.dims(), &[rows, out]);
-            let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            for r in 0..rows {
-                for o in 0..out {
-                    let want: f64 = (0..inp)
-                        .map(|j| x[r * inp + j] as f64 * w[o * inp + j] as f64)
-                        .sum();
-                    let got = y[r * out + o] as f64;
-                    assert!(
-                        (got - want).abs() < 1e-4,
-                        "rows {rows}: y[{r}][{o}] {got} vs {want}"
-                    );
-                }
-            }
+            assert_plain_product(&y, &x, &w, 1e-4, &format!("rows {rows}"));
         }
         let wrong = Tensor::zeros((2, inp + 1), DType::F32, &cpu).unwrap();
         assert!(linear(&wrong, &packed).is_err(), "x of the wrong width");
@@ -389,6 +371,13 @@ mod tests {
             &long,
         )
         .unwrap();
+        assert_plain_product(&y, &x, &w, 1e-3, "long rows");
+    }
+
+    /// `y: [rows, out]` equals `x W^T` computed in f64, for `x: [rows, inp]` and `w: [out, inp]`.
+    fn assert_plain_product(y: &Tensor, x: &[f32], w: &[f32], tol: f64, what: &str) {
+        let (rows, out) = y.dims2().unwrap();
+        let inp = w.len() / out;
         let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for r in 0..rows {
             for o in 0..out {
@@ -397,8 +386,8 @@ mod tests {
                     .sum();
                 let got = y[r * out + o] as f64;
                 assert!(
-                    (got - want).abs() < 1e-3,
-                    "long rows: y[{r}][{o}] {got} vs {want}"
+                    (got - want).abs() < tol,
+                    "{what}: y[{r}][{o}] {got} vs {want}"
                 );
             }
         }

@@ -182,14 +182,14 @@ impl Linear {
 
     /// The packed weight, packed on first use.
     fn packed(&self) -> Result<Option<Arc<small_matmul::PackedWeight>>> {
-        packed_once(&self.packed, || self.w.clone())
+        packed_once(&self.packed, || Ok(self.w.clone()))
     }
 
     /// The packed weight and its packed transpose, packed on first use.
     fn packed_pair(&self) -> Result<Option<small_matmul::PackedLinear>> {
         let (Some(w), Some(wt)) = (
             self.packed()?,
-            packed_once(&self.packed_t, || self.w.t().expect("a 2-D weight"))?,
+            packed_once(&self.packed_t, || Ok(self.w.t()?))?,
         ) else {
             return Ok(None);
         };
@@ -237,12 +237,12 @@ impl Linear {
 /// apply).
 fn packed_once(
     cell: &OnceLock<Option<Arc<small_matmul::PackedWeight>>>,
-    weight: impl FnOnce() -> Tensor,
+    weight: impl FnOnce() -> Result<Tensor>,
 ) -> Result<Option<Arc<small_matmul::PackedWeight>>> {
     if let Some(p) = cell.get() {
         return Ok(p.clone());
     }
-    let p = small_matmul::PackedWeight::new(&weight())?.map(Arc::new);
+    let p = small_matmul::PackedWeight::new(&weight()?)?.map(Arc::new);
     // Two threads may pack at once; both results are the same, one is kept.
     Ok(cell.get_or_init(|| p).clone())
 }
