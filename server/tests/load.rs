@@ -204,8 +204,13 @@ fn a_client_that_hangs_up_stops_its_work_and_slow_requests_time_out() {
         reader.read_line(&mut line).expect("read");
     }
     drop(reader);
+    // Wait for the engine to notice: the first event can reach the client before the engine
+    // has admitted the sequence (running is then still 0), so wait for the cancellation too.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&f.base, "cartridge_running_sequences ") != 0.0 && Instant::now() < deadline {
+    while (metric(&f.base, "cartridge_running_sequences ") != 0.0
+        || metric(&f.base, "cartridge_cancelled_total ") < 1.0)
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(metric(&f.base, "cartridge_running_sequences "), 0.0);
