@@ -20,7 +20,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_kernel::{lane_max, lane_sum, mm, slice, to_vec, Elem};
+use crate::cpu_kernel::{mm, slice, softmax, with_values, Elem};
 use crate::error::{Error, Result};
 
 /// Queries per block: the score buffer is `BLOCK x keys`, small enough to stay in cache.
@@ -260,19 +260,7 @@ impl<'a, T: Elem> Block<'a, T> {
             let (a, b) = (rlo as usize - self.lo, rhi as usize - self.lo);
             own[..a].fill(T::zero());
             own[b..].fill(T::zero());
-            let own = &mut own[a..b];
-            let max = num_traits::Float::max(lane_max(pre), lane_max(own));
-            for part in [&mut *pre, &mut *own] {
-                for x in part.iter_mut() {
-                    *x = (*x - max).exp_nonpositive();
-                }
-            }
-            let inv = (lane_sum(pre) + lane_sum(own)).recip();
-            for part in [pre, own] {
-                for x in part.iter_mut() {
-                    *x *= inv;
-                }
-            }
+            softmax(pre, &mut own[a..b]);
         }
         s
     }
@@ -461,9 +449,9 @@ impl FusedAttention {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let (q_, k_, v_) = (to_vec::<T>(q)?, to_vec::<T>(k)?, to_vec::<T>(v)?);
-        let (o_, g_) = (to_vec::<T>(res)?, to_vec::<T>(grad)?);
-        let (dq, dk, dv) = backward(&self.dims, &self.vis, &q_, &k_, &v_, &o_, &g_);
+        let (dq, dk, dv) = with_values::<T, _, 5>([q, k, v, res, grad], |[q, k, v, o, g]| {
+            Ok(backward(&self.dims, &self.vis, q, k, v, o, g))
+        })?;
         Ok((
             Tensor::from_vec(dq, q.shape(), q.device())?,
             Tensor::from_vec(dk, k.shape(), k.device())?,

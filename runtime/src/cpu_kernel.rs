@@ -2,7 +2,7 @@
 //! share: the element types they run in, a vectorisable `exp`, lane-wise reductions, a strided
 //! single-threaded matrix product, and access to candle's storages.
 
-use candle_core::{CpuStorage, DType, Device, Layout, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor, WithDType};
 
 /// Whether our CPU kernels run for tensors of this device and dtype.
 pub(crate) fn supported(device: &Device, dtype: DType) -> bool {
@@ -41,7 +41,9 @@ fn exp_f32(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23
-    let x = x.max(-87.0);
+                                     // A plain comparison, not `f32::max`: its NaN handling costs a compare and a blend per
+                                     // vector, and no score here is NaN.
+    let x = if x < -87.0 { -87.0 } else { x };
     // Adding 1.5 * 2^23 rounds x log2(e) to the nearest integer n and leaves it in the low
     // mantissa bits of `t` (exact for |n| < 2^22): `t.to_bits() = 0x4B40_0000 + n`, from which
     // 2^n's exponent bits follow in integer arithmetic (a float-to-int cast would not vectorise).
@@ -52,7 +54,8 @@ fn exp_f32(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     p * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23)
 }
 
@@ -67,9 +70,29 @@ pub(crate) fn slice<'a, T: WithDType>(
     Ok(&s.as_slice::<T>()?[start..end])
 }
 
-/// A tensor's values, row-major (a backward's inputs).
-pub(crate) fn to_vec<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
-    t.contiguous()?.flatten_all()?.to_vec1::<T>()
+/// Runs `f` on the row-major values of CPU tensors (a backward's inputs), borrowed from their
+/// storages: only a non-contiguous tensor is copied (copying every input once per op was a few
+/// percent of a training step).
+pub(crate) fn with_values<T: WithDType, R, const N: usize>(
+    tensors: [&Tensor; N],
+    f: impl FnOnce([&[T]; N]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let owned = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut values = Vec::with_capacity(N);
+    for (storage, layout) in &guards {
+        match &**storage {
+            Storage::Cpu(s) => values.push(slice::<T>(s, layout)?),
+            _ => candle_core::bail!("custom op: CPU tensors only"),
+        }
+    }
+    match <[&[T]; N]>::try_from(values) {
+        Ok(values) => f(values),
+        Err(_) => candle_core::bail!("custom op: {N} inputs expected"),
+    }
 }
 
 /// `dst[m x n] (+)= a[m x k] b[k x n]`, each operand given by its row and column strides; the
@@ -137,6 +160,7 @@ pub(crate) fn mm<T: Elem>(
 /// independent accumulators (the compiler may not reorder a single chain).
 const LANES: usize = 16;
 
+#[inline(always)]
 pub(crate) fn lane_max<T: Elem>(xs: &[T]) -> T {
     let mut acc = [T::neg_infinity(); LANES];
     let mut chunks = xs.chunks_exact(LANES);
@@ -152,21 +176,94 @@ pub(crate) fn lane_max<T: Elem>(xs: &[T]) -> T {
     acc.iter().fold(tail, |m, &x| if x > m { x } else { m })
 }
 
-pub(crate) fn lane_sum<T: Elem>(xs: &[T]) -> T {
+/// `xs <- exp(xs - max)`, returning their sum (in `LANES` independent accumulators, so that it
+/// vectorises).
+#[inline(always)]
+fn exp_shifted_sum<T: Elem>(xs: &mut [T], max: T) -> T {
     let mut acc = [T::zero(); LANES];
-    let mut chunks = xs.chunks_exact(LANES);
+    let mut chunks = xs.chunks_exact_mut(LANES);
     for c in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += x;
+        for (a, x) in acc.iter_mut().zip(c) {
+            *x = (*x - max).exp_nonpositive();
+            *a += *x;
         }
     }
-    let tail = chunks.remainder().iter().fold(T::zero(), |s, &x| s + x);
+    let mut tail = T::zero();
+    for x in chunks.into_remainder() {
+        *x = (*x - max).exp_nonpositive();
+        tail += *x;
+    }
     acc.iter().fold(tail, |s, &x| s + x)
+}
+
+#[inline(always)]
+fn softmax_body<T: Elem>(a: &mut [T], b: &mut [T]) {
+    let max = num_traits::Float::max(lane_max(a), lane_max(b));
+    let inv = (exp_shifted_sum(a, max) + exp_shifted_sum(b, max)).recip();
+    // Two loops, not a chained iterator: a chain does not vectorise.
+    for part in [a, b] {
+        for x in part.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+/// Softmax over the concatenation of `a` and `b` (a prefix's scores and a sequence's own), in
+/// place.
+///
+/// Why two versions: the crate is built for any x86-64, so these loops would otherwise run 4
+/// lanes wide; on a CPU with AVX-512 the same code is compiled 16 lanes wide. The arithmetic is
+/// the same (no reassociation, no fused multiply-adds), so the results are too.
+pub(crate) fn softmax<T: Elem>(a: &mut [T], b: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512f() {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        return unsafe { softmax_avx512(a, b) };
+    }
+    softmax_body(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_avx512<T: Elem>(a: &mut [T], b: &mut [T]) {
+    softmax_body(a, b)
+}
+
+/// Whether the CPU has AVX-512F (detected once; the macro caches it).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn has_avx512f() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn softmax_matches_f64_and_both_builds_agree_bit_for_bit() {
+        // Lengths around the 16 lanes (tails), one part empty or not, scores of either sign.
+        for (na, nb) in [(0, 1), (1, 0), (5, 0), (16, 17), (33, 2), (100, 61)] {
+            let scores: Vec<f32> = (0..na + nb)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.173)
+                .collect();
+            let mut got = scores.clone();
+            let (a, b) = got.split_at_mut(na);
+            softmax(a, b);
+            let max = scores
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let den: f64 = scores.iter().map(|&x| (x as f64 - max).exp()).sum();
+            for (&g, &x) in got.iter().zip(&scores) {
+                let want = (x as f64 - max).exp() / den;
+                assert!((g as f64 - want).abs() <= 1e-6 * want.max(1e-30) + 1e-12);
+            }
+            let mut portable = scores.clone();
+            let (a, b) = portable.split_at_mut(na);
+            softmax_body(a, b);
+            assert_eq!(got, portable, "{na} + {nb}: the AVX-512 build differs");
+        }
+    }
 
     #[test]
     fn fast_exp_is_accurate_on_the_softmax_range() {

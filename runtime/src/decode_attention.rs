@@ -17,7 +17,7 @@
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_kernel::{lane_max, lane_sum, mm, Elem};
+use crate::cpu_kernel::{mm, softmax, Elem};
 use crate::error::{Error, Result};
 
 /// Sequences per task: their queries share one pass over the prefix's keys and values, and
@@ -216,15 +216,7 @@ fn kernel<T: Elem>(
             }
         }
         for (r, row) in s.chunks_mut(w).enumerate() {
-            let row = &mut row[..p + span(seqs.start + r / g)];
-            let max = lane_max(row);
-            for x in row.iter_mut() {
-                *x = (*x - max).exp_nonpositive();
-            }
-            let inv = lane_sum(row).recip();
-            for x in row.iter_mut() {
-                *x *= inv;
-            }
+            softmax(&mut row[..p + span(seqs.start + r / g)], &mut []);
         }
         // Output [rows, d]: the prefix's values by one product, then the own slots'.
         let mut o = vec![T::zero(); rows * d];
