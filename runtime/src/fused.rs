@@ -1,5 +1,6 @@
 //! Row-wise ops fused into one CPU pass each way, with their own backward: RMSNorm with a frozen
-//! weight, and the SwiGLU gate `silu(gate) * up`.
+//! weight, the SwiGLU gate `silu(gate) * up`, and RoPE with the move to heads-first layout and
+//! the query scaling.
 //!
 //! Why: composed from candle ops on the training path, RMSNorm is seven ops (square, mean, add,
 //! sqrt, reciprocal, two products) and SwiGLU three, each writing a fresh activation-sized tensor
@@ -286,6 +287,183 @@ impl candle_core::CustomOp2 for SwiGlu {
     }
 }
 
+/// RoPE (rotate-half layout) of `x: [b, t, heads, d]`, the rows a projection gives, times
+/// `scale`, returned heads-first `[b, heads, t, d]`; `cos`, `sin`: `[t, d / 2]` (every sequence
+/// at the same positions) or `[b, t, d / 2]`. Differentiable in `x`.
+///
+/// Why: composed, this was a transposing copy, two narrows, four products, a sum, a difference,
+/// a concatenation and a scaling, each writing a fresh tensor (and its backward as many more);
+/// here it is one pass each way.
+pub fn rope_heads_first(x: &Tensor, cos: &Tensor, sin: &Tensor, scale: f64) -> Result<Tensor> {
+    Ok(x.contiguous()?
+        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { scale })?)
+}
+
+struct Rope {
+    scale: f64,
+}
+
+/// Sizes of a [`Rope`] call.
+#[derive(Clone, Copy)]
+struct RopeDims {
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+    /// Whether `cos`/`sin` have a row per sequence.
+    per_sequence: bool,
+}
+
+impl RopeDims {
+    fn of(lx: &Layout, lc: &Layout, ls: &Layout) -> candle_core::Result<Self> {
+        let (b, t, h, d) = lx.shape().dims4()?;
+        let per_sequence = match lc.shape().dims() {
+            [tc, half] if *tc == t && 2 * half == d => false,
+            [bc, tc, half] if *bc == b && *tc == t && 2 * half == d => true,
+            _ => candle_core::bail!(
+                "fused rope: x {:?} (b, t, heads, d), cos {:?}",
+                lx.shape(),
+                lc.shape()
+            ),
+        };
+        if ls.shape() != lc.shape() || d % 2 != 0 {
+            candle_core::bail!("fused rope: cos {:?}, sin {:?}", lc.shape(), ls.shape());
+        }
+        Ok(Self {
+            b,
+            t,
+            h,
+            d,
+            per_sequence,
+        })
+    }
+
+    /// Offset of the `cos`/`sin` row of token `ti` of sequence `bi`.
+    fn angle_row(&self, bi: usize, ti: usize) -> usize {
+        let row = if self.per_sequence {
+            bi * self.t + ti
+        } else {
+            ti
+        };
+        row * self.d / 2
+    }
+}
+
+impl Rope {
+    /// `[x1, x2] -> scale [x1 cos - x2 sin, x2 cos + x1 sin]`, one output slab `[t, d]` per
+    /// (sequence, head).
+    fn forward<T: Elem>(&self, dims: RopeDims, x: &[T], cos: &[T], sin: &[T]) -> Vec<T> {
+        let RopeDims { t, h, d, .. } = dims;
+        let half = d / 2;
+        let scale = T::from_f64(self.scale);
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(t * d).enumerate().for_each(|(slab, o)| {
+            let (bi, hi) = (slab / h, slab % h);
+            for (ti, o) in o.chunks_mut(d).enumerate() {
+                let src = &x[((bi * t + ti) * h + hi) * d..][..d];
+                let a = dims.angle_row(bi, ti);
+                let (c, s) = (&cos[a..a + half], &sin[a..a + half]);
+                let (x1, x2) = src.split_at(half);
+                let (o1, o2) = o.split_at_mut(half);
+                for j in 0..half {
+                    o1[j] = (x1[j] * c[j] - x2[j] * s[j]) * scale;
+                    o2[j] = (x2[j] * c[j] + x1[j] * s[j]) * scale;
+                }
+            }
+        });
+        out
+    }
+
+    /// The transpose of the rotation: `dx = scale [g1 cos + g2 sin, g2 cos - g1 sin]`, back in
+    /// `x`'s `[b, t, heads, d]` layout, one task per run of (sequence, token) rows.
+    fn backward<T: Elem>(&self, dims: RopeDims, grad: &[T], cos: &[T], sin: &[T]) -> Vec<T> {
+        let RopeDims { t, h, d, .. } = dims;
+        let half = d / 2;
+        let scale = T::from_f64(self.scale);
+        let mut dx = vec![T::zero(); grad.len()];
+        dx.par_chunks_mut(h * d * ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(task, rows)| {
+                for (r, row) in rows.chunks_mut(h * d).enumerate() {
+                    let (bi, ti) = (
+                        (task * ROWS_PER_TASK + r) / t,
+                        (task * ROWS_PER_TASK + r) % t,
+                    );
+                    let a = dims.angle_row(bi, ti);
+                    let (c, s) = (&cos[a..a + half], &sin[a..a + half]);
+                    for (hi, dxh) in row.chunks_mut(d).enumerate() {
+                        let g = &grad[((bi * h + hi) * t + ti) * d..][..d];
+                        let (g1, g2) = g.split_at(half);
+                        let (d1, d2) = dxh.split_at_mut(half);
+                        for j in 0..half {
+                            d1[j] = (g1[j] * c[j] + g2[j] * s[j]) * scale;
+                            d2[j] = (g2[j] * c[j] - g1[j] * s[j]) * scale;
+                        }
+                    }
+                }
+            });
+        dx
+    }
+}
+
+impl candle_core::CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sc: &CpuStorage,
+        lc: &Layout,
+        ss: &CpuStorage,
+        ls: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = RopeDims::of(lx, lc, ls)?;
+        let out = match sx {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(self.forward(dims, slice(sx, lx)?, slice(sc, lc)?, slice(ss, ls)?))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.forward(dims, slice(sx, lx)?, slice(sc, lc)?, slice(ss, ls)?))
+            }
+            _ => candle_core::bail!("fused rope: f32 or f64 only"),
+        };
+        Ok((out, Shape::from((dims.b, dims.h, dims.t, dims.d))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dims = RopeDims::of(x.layout(), cos.layout(), sin.layout())?;
+        let dx = match x.dtype() {
+            DType::F32 => Tensor::from_vec(
+                with_values::<f32, _, 3>([grad, cos, sin], |[g, c, s]| {
+                    Ok(self.backward(dims, g, c, s))
+                })?,
+                x.shape(),
+                x.device(),
+            )?,
+            DType::F64 => Tensor::from_vec(
+                with_values::<f64, _, 3>([grad, cos, sin], |[g, c, s]| {
+                    Ok(self.backward(dims, g, c, s))
+                })?,
+                x.shape(),
+                x.device(),
+            )?,
+            d => candle_core::bail!("fused rope: no backward in {d:?}"),
+        };
+        // The angles are constants.
+        Ok((Some(dx), None, None))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,6 +491,47 @@ mod tests {
         let gp = (plain * &gy)?.sum_all()?.backward()?;
         let d = max_diff(gf.get(&x).expect("grad"), gp.get(&x).expect("grad"));
         assert!(d < 1e-12, "gradient differs by {d:e}");
+        Ok(())
+    }
+
+    #[test]
+    fn rope_matches_the_composed_formulation_for_shared_and_per_sequence_angles(
+    ) -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, h, d) = (2, 5, 3, 8);
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, t, h, d), &dev)?)?;
+        let gy = Tensor::randn(0f64, 1.0, (b, h, t, d), &dev)?;
+        let shared = Tensor::randn(0f64, 1.0, (t, d / 2), &dev)?;
+        let per_seq = Tensor::randn(0f64, 1.0, (b, t, d / 2), &dev)?;
+        for angles in [shared, per_seq] {
+            let (cos, sin) = (angles.cos()?, angles.sin()?);
+            let fused = rope_heads_first(&x, &cos, &sin, 0.5).map_err(candle_core::Error::wrap)?;
+            // [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], heads first, times 0.5.
+            let xt = x.as_tensor().transpose(1, 2)?;
+            let (c, s) = match cos.rank() {
+                2 => (
+                    cos.reshape((1, 1, t, d / 2))?,
+                    sin.reshape((1, 1, t, d / 2))?,
+                ),
+                _ => (
+                    cos.reshape((b, 1, t, d / 2))?,
+                    sin.reshape((b, 1, t, d / 2))?,
+                ),
+            };
+            let (x1, x2) = (
+                xt.narrow(D::Minus1, 0, d / 2)?,
+                xt.narrow(D::Minus1, d / 2, d / 2)?,
+            );
+            let r1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
+            let r2 = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&s)?)?;
+            let plain = (Tensor::cat(&[&r1, &r2], D::Minus1)? * 0.5)?;
+            assert_eq!(fused.dims(), [b, h, t, d]);
+            assert!(max_diff(&fused, &plain) < 1e-12);
+            let gf = (fused * &gy)?.sum_all()?.backward()?;
+            let gp = (plain * &gy)?.sum_all()?.backward()?;
+            let diff = max_diff(gf.get(&x).expect("grad"), gp.get(&x).expect("grad"));
+            assert!(diff < 1e-12, "gradient differs by {diff:e}");
+        }
         Ok(())
     }
 

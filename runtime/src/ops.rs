@@ -83,6 +83,24 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, path: Path) -> Result<Tensor
     }
 }
 
+/// RoPE of projection rows `x: [b, t, heads, d]`, times `scale`, as a contiguous heads-first
+/// `[b, heads, t, d]`. One fused pass on the CPU in f32/f64, on both paths (it has its own
+/// backward); elsewhere a transpose, [`rope`] and a product.
+pub fn rope_heads_first(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    scale: f64,
+    path: Path,
+) -> Result<Tensor> {
+    if crate::cpu_kernel::supported(x.device(), x.dtype()) {
+        return crate::fused::rope_heads_first(x, cos, sin, scale);
+    }
+    let r = rope(&x.transpose(1, 2)?, cos, sin, path)?;
+    let r = if scale == 1.0 { r } else { (r * scale)? };
+    Ok(r.contiguous()?)
+}
+
 /// The SwiGLU gate `silu(gate) * up` (differentiable on both paths): one fused pass on the CPU
 /// in f32/f64, else `gate * sigmoid(gate) * up` from candle ops.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {

@@ -14,7 +14,9 @@
 //!   attention as one fused op with its own backward ([`crate::attention`]); decoding one token
 //!   per sequence, and other devices and dtypes, use the composed ops.
 //! - [`Path::Train`] uses only differentiable ops so gradients reach prefix K/V and soft prompts;
-//!   [`Path::Infer`] uses candle's fused RMSNorm and RoPE.
+//!   [`Path::Infer`] uses candle's fused RMSNorm (and, off the CPU, its RoPE). On the CPU, RoPE
+//!   is our fused op on both paths: with the move to heads-first layout and the query scaling in
+//!   the same pass ([`crate::ops::rope_heads_first`]).
 //!
 //! ```no_run
 //! use candle_core::{DType, Device, Tensor};
@@ -876,22 +878,15 @@ impl Transformer {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, d) = (cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim);
         let g = h / kvh;
-        let q = layer
-            .q
-            .forward(x, path)?
-            .reshape((b, t, h, d))?
-            .transpose(1, 2)?;
-        let k = layer
-            .k
-            .forward(x, path)?
-            .reshape((b, t, kvh, d))?
-            .transpose(1, 2)?;
+        let q = layer.q.forward(x, path)?.reshape((b, t, h, d))?;
+        let k = layer.k.forward(x, path)?.reshape((b, t, kvh, d))?;
         let v = layer
             .v
             .forward(x, path)?
             .reshape((b, t, kvh, d))?
             .transpose(1, 2)?
             .contiguous()?;
+        // The norms are over each head's `d` values, so they apply before the move to heads-first.
         let (q, k) = match (&layer.q_norm, &layer.k_norm) {
             (Some(qn), Some(kn)) => (
                 ops::rms_norm(&q, qn, cfg.rms_norm_eps, path)?,
@@ -899,10 +894,9 @@ impl Transformer {
             ),
             _ => (q, k),
         };
-        let q = ops::rope(&q, cos, sin, path)?;
-        let k = ops::rope(&k, cos, sin, path)?.contiguous()?;
         // Scale the queries (t*d values) rather than the scores (t*(P+T) values).
-        let q = (q * (1.0 / (d as f64).sqrt()))?.contiguous()?;
+        let q = ops::rope_heads_first(&q, cos, sin, 1.0 / (d as f64).sqrt(), path)?;
+        let k = ops::rope_heads_first(&k, cos, sin, 1.0, path)?;
         // Query heads of one KV head are adjacent: [b, h, t, d] == [b, kv, g*t, d], rows (g, t).
         let qg = q.reshape((b, kvh, g * t, d))?;
 
