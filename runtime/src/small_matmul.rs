@@ -230,7 +230,8 @@ fn xwt(x: &[f32], rows: usize, w: &PackedWeight) -> Vec<f32> {
     y
 }
 
-fn has_avx512() -> bool {
+/// Whether this CPU runs the packed kernel (AVX-512F and FMA); elsewhere weights are not packed.
+pub(crate) fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")

@@ -120,10 +120,18 @@ fn prefix_of(vb: &VarBuilder) -> String {
 }
 
 /// Rows (batch x tokens) up to which an inference matmul uses the quantised weight when there is
-/// one. Decoding a few sequences is memory-bound, so reading 4x fewer weight bytes wins at batch 1
-/// (BENCHMARKS.md: 69 vs 43 tok/s); at 8 rows the two are level (101 vs 97), and more rows are
-/// compute-bound, where candle's f32 gemm is faster than its quantised kernel.
-const QUANT_MAX_ROWS: usize = 16;
+/// one. Decoding one or two sequences is memory-bound, so reading 4x fewer weight bytes wins;
+/// from three rows on, the packed f32 kernel is faster than candle's quantised one (BENCHMARKS.md,
+/// decode tok/s quantised / f32: 97 / 45 at batch 1, 113 / 92 at 2, 119 / 128 at 3, 133 / 342
+/// at 8). Where there is no packed kernel (no AVX-512), candle's f32 gemm is slower at small
+/// batches, so the limit is higher there.
+fn quant_max_rows() -> usize {
+    if small_matmul::has_avx512() {
+        2
+    } else {
+        16
+    }
+}
 
 /// Rows (batch x tokens) up to which an f32 inference matmul on the CPU runs as `(W x^T)^T`.
 /// candle's gemm tiles the rows of its left operand 64 at a time (AVX-512), so `x W^T` with a few
@@ -206,7 +214,7 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, inp))?;
         let y = match &self.q {
-            Some(q) if path == Path::Infer && rows <= QUANT_MAX_ROWS => {
+            Some(q) if path == Path::Infer && rows <= quant_max_rows() => {
                 q.forward(&x2.contiguous()?)?
             }
             _ if path == Path::Infer && x.device().is_cpu() => match self.packed()? {
