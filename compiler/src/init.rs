@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::value_fit::{NormalEquations, RIDGE};
 
 /// How the parameters start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -33,6 +34,9 @@ pub enum InitKind {
     /// [`InitKind::CorpusText`] and stays ahead after training (BENCHMARKS.md, "Training").
     #[default]
     SelectedKeys,
+    /// [`InitKind::SelectedKeys`], with each key's value refitted so that the few keys read what
+    /// the whole corpus read ([`crate::value_fit`]): one more forward over the corpus.
+    SelectedFitted,
 }
 
 /// Windows drawn by [`InitKind::SampledChunks`].
@@ -139,7 +143,13 @@ pub fn init_kv(
             let ids = corpus_ids.ok_or_else(|| {
                 Error::Config("selected-keys initialisation needs the corpus token ids".into())
             })?;
-            select_corpus_kv(model, p, ids)
+            select_corpus_kv(model, p, ids, false)
+        }
+        InitKind::SelectedFitted => {
+            let ids = corpus_ids.ok_or_else(|| {
+                Error::Config("selected-fitted initialisation needs the corpus token ids".into())
+            })?;
+            select_corpus_kv(model, p, ids, true)
         }
         InitKind::RandomVectors => {
             let probe = model.prefix_kv(None, &random_ids(&mut rng, SCALE_PROBE_TOKENS, vocab))?;
@@ -179,7 +189,12 @@ struct Candidate {
 ///
 /// Observing from the training conversations instead (placed after the corpus, as SnapKV
 /// observes from the question) was measured and lost on both held-out metrics (BENCHMARKS.md).
-pub fn select_corpus_kv(model: &Transformer, p: usize, corpus: &[u32]) -> Result<PrefixKv> {
+pub fn select_corpus_kv(
+    model: &Transformer,
+    p: usize,
+    corpus: &[u32],
+    fit_values: bool,
+) -> Result<PrefixKv> {
     if corpus.len() < p {
         return Err(Error::Config(format!(
             "a cartridge of {p} tokens selected from the corpus, but the corpus has only {} tokens",
@@ -190,10 +205,10 @@ pub fn select_corpus_kv(model: &Transformer, p: usize, corpus: &[u32]) -> Result
     let all: Vec<&[u32]> = corpus.chunks(segment_len).collect();
     // Evenly spaced segments when the corpus is longer than the budget.
     let keep = (SELECT_MAX_TOKENS / segment_len).clamp(1, all.len());
-    let chosen: Vec<&[u32]> = (0..keep).map(|i| all[i * all.len() / keep]).collect();
+    let chosen_segments: Vec<&[u32]> = (0..keep).map(|i| all[i * all.len() / keep]).collect();
     // Per segment: its K/V and, per layer, per KV head, each key's score.
-    let mut segments: Vec<(PrefixKv, Vec<Vec<Vec<f32>>>)> = Vec::with_capacity(chosen.len());
-    for seg in chosen {
+    let mut segments: Vec<(PrefixKv, Vec<Vec<Vec<f32>>>)> = Vec::with_capacity(keep);
+    for &seg in &chosen_segments {
         let (kv, received) = model.attention_received(seg, 0..seg.len())?;
         let scores = received
             .iter()
@@ -203,11 +218,14 @@ pub fn select_corpus_kv(model: &Transformer, p: usize, corpus: &[u32]) -> Result
     }
     let cfg = model.config();
     let mut layers = Vec::with_capacity(cfg.num_layers);
+    // Per layer and KV head, the (segment, position) of each slot's key.
+    let mut picks: Vec<Vec<Vec<(usize, usize)>>> = Vec::with_capacity(cfg.num_layers);
     let to: Vec<u32> = (0..p as u32).collect();
     for li in 0..cfg.num_layers {
         let mut keys = Vec::with_capacity(cfg.num_kv_heads);
         let mut values = Vec::with_capacity(cfg.num_kv_heads);
         let mut from = Vec::with_capacity(cfg.num_kv_heads);
+        let mut slots = Vec::with_capacity(cfg.num_kv_heads);
         for h in 0..cfg.num_kv_heads {
             let mut pool: Vec<Candidate> = segments
                 .iter()
@@ -236,7 +254,9 @@ pub fn select_corpus_kv(model: &Transformer, p: usize, corpus: &[u32]) -> Result
             })
             .chain(pool);
             let (mut ks, mut vs, mut pos) = (Vec::new(), Vec::new(), Vec::new());
+            let mut head_slots = Vec::with_capacity(p);
             for c in chosen {
+                head_slots.push((c.segment, c.position));
                 let (k, v) = segments[c.segment].0.layers()[li].clone();
                 ks.push(k.narrow(0, h, 1)?.narrow(1, c.position, 1)?);
                 vs.push(v.narrow(0, h, 1)?.narrow(1, c.position, 1)?);
@@ -245,11 +265,62 @@ pub fn select_corpus_kv(model: &Transformer, p: usize, corpus: &[u32]) -> Result
             keys.push(Tensor::cat(&ks, 1)?);
             values.push(Tensor::cat(&vs, 1)?);
             from.push(pos);
+            slots.push(head_slots);
         }
         let k = model.move_keys(&Tensor::cat(&keys, 0)?, &from, &to)?;
         layers.push((k, Tensor::cat(&values, 0)?));
+        picks.push(slots);
+    }
+    if fit_values {
+        refit_values(model, &chosen_segments, &picks, &mut layers)?;
     }
     Ok(PrefixKv::new(layers)?)
+}
+
+/// Replaces each selected key's value by the least-squares fit of [`crate::value_fit`]: one more
+/// forward per segment, for its queries.
+fn refit_values(
+    model: &Transformer,
+    segments: &[&[u32]],
+    picks: &[Vec<Vec<(usize, usize)>>],
+    layers: &mut [(Tensor, Tensor)],
+) -> Result<()> {
+    let cfg = model.config();
+    let groups = cfg.num_attention_heads / cfg.num_kv_heads;
+    let mut equations: Vec<Vec<Option<NormalEquations>>> = (0..cfg.num_layers)
+        .map(|_| (0..cfg.num_kv_heads).map(|_| None).collect())
+        .collect();
+    for (si, seg) in segments.iter().enumerate() {
+        let (kv, queries) = model.kv_and_queries(seg)?;
+        for (li, ((k, v), q)) in kv.layers().iter().zip(&queries).enumerate() {
+            for (h, eq) in equations[li].iter_mut().enumerate() {
+                let chosen: Vec<Option<usize>> = picks[li][h]
+                    .iter()
+                    .map(|&(segment, position)| (segment == si).then_some(position))
+                    .collect();
+                *eq = NormalEquations::add(
+                    eq.take(),
+                    &q.get(h)?,
+                    &k.get(h)?,
+                    &v.get(h)?,
+                    &chosen,
+                    groups,
+                )?;
+            }
+        }
+    }
+    for (layer, eqs) in layers.iter_mut().zip(equations) {
+        let mut values = Vec::with_capacity(eqs.len());
+        for (h, eq) in eqs.iter().enumerate() {
+            let v0 = layer.1.get(h)?;
+            values.push(match eq {
+                Some(eq) => eq.solve(&v0, RIDGE)?,
+                None => v0,
+            });
+        }
+        layer.1 = Tensor::stack(&values, 0)?;
+    }
+    Ok(())
 }
 
 /// The initial soft prompt `[n, hidden]`.
@@ -275,7 +346,7 @@ pub fn init_soft_prompt(
     match kind {
         // Selected keys have no counterpart among input embeddings (a key depends on its whole
         // context): with the default kind, a soft prompt starts from the corpus's first tokens.
-        InitKind::CorpusText | InitKind::SelectedKeys => {
+        InitKind::CorpusText | InitKind::SelectedKeys | InitKind::SelectedFitted => {
             rows(text_ids(corpus_ids, n, "a soft prompt")?)
         }
         InitKind::RandomText => rows(&random_ids(&mut rng, n, vocab)),

@@ -40,6 +40,7 @@ pub mod params;
 pub mod plot;
 pub mod schedule;
 mod train;
+pub mod value_fit;
 
 pub use config::{ArtifactKind, ComputeDtype, RunOptions, TrainConfig};
 pub use data::PromptSummary;

@@ -13,7 +13,7 @@ fn selected_keys_are_each_heads_most_attended_keys() {
     let (model, _) = tiny_model(3, "m");
     let corpus = tokens(11, 200);
     let p = 24;
-    let cart = select_corpus_kv(&model, p, &corpus).expect("select");
+    let cart = select_corpus_kv(&model, p, &corpus, false).expect("select");
     assert_eq!(cart.len(), p);
     let (full, received) = model
         .attention_received(&corpus, 0..corpus.len())
@@ -70,7 +70,7 @@ fn a_corpus_longer_than_the_window_is_scored_in_segments() {
     let window = model.config().max_position_embeddings;
     let corpus = tokens(12, 2 * window + 40);
     let p = 64;
-    let cart = select_corpus_kv(&model, p, &corpus).expect("select");
+    let cart = select_corpus_kv(&model, p, &corpus, false).expect("select");
     assert_eq!(cart.len(), p);
     // Slot 0 is the corpus's first token at position 0 (up to the rounding of a longer forward).
     let first = model.prefix_kv(None, &corpus[..1]).expect("kv");
@@ -121,7 +121,7 @@ fn a_corpus_longer_than_the_window_is_scored_in_segments() {
 fn selected_keys_need_enough_corpus_and_soft_prompts_start_from_the_text() {
     let (model, _) = tiny_model(3, "m");
     let corpus = tokens(13, 10);
-    assert!(select_corpus_kv(&model, 11, &corpus).is_err());
+    assert!(select_corpus_kv(&model, 11, &corpus, false).is_err());
     assert!(init_kv(&model, 4, InitKind::SelectedKeys, None, 0).is_err());
     // A soft prompt has no keys to select: the default kind starts it from the first tokens.
     let soft = |kind| {
@@ -131,4 +131,25 @@ fn selected_keys_need_enough_corpus_and_soft_prompts_start_from_the_text() {
         max_abs_diff(&soft(InitKind::SelectedKeys), &soft(InitKind::CorpusText)),
         0.0
     );
+}
+
+#[test]
+fn fitted_values_keep_the_selected_keys_and_handle_several_segments() {
+    let (model, _) = tiny_model(3, "m");
+    let window = model.config().max_position_embeddings;
+    // One segment, then three (the last a short tail).
+    for len in [window - 8, 2 * window + 40] {
+        let corpus = tokens(21, len);
+        let p = 48;
+        let plain = select_corpus_kv(&model, p, &corpus, false).expect("select");
+        let fitted = init_kv(&model, p, InitKind::SelectedFitted, Some(&corpus), 0).expect("fit");
+        let mut moved = 0f64;
+        for (a, b) in fitted.layers().iter().zip(plain.layers()) {
+            assert_eq!(max_abs_diff(&a.0, &b.0), 0.0, "the keys must not change");
+            let d = max_abs_diff(&a.1, &b.1);
+            assert!(d.is_finite(), "{len} tokens: a fitted value is not finite");
+            moved = moved.max(d);
+        }
+        assert!(moved > 1e-4, "{len} tokens: the fit changed no value");
+    }
 }

@@ -1,12 +1,13 @@
 //! Make a cartridge from the KV of a text's first `p` tokens and use it.
 //!
 //! ```sh
-//! cargo run --release -p cartridge-examples --example corpus_kv -- TEXT_FILE OUT.cart [P] [DEVICE] [first|selected]
+//! cargo run --release -p cartridge-examples --example corpus_kv -- TEXT_FILE OUT.cart [P] [DEVICE] [first|selected|fitted]
 //! ```
 //!
 //! DEVICE is `cpu` (the default), `cuda` or `cuda:N` (built with `--features cuda`). `selected`
 //! keeps instead, per layer and KV head, the `p` keys of the whole text that reading it attends to
-//! most (`cartridge train --init selected-keys` without the training); the equality check below
+//! most (`cartridge train --init selected-keys` without the training), and `fitted` the same keys
+//! with their values refitted (`--init selected-fitted`); the equality check below
 //! is then skipped, since such a cartridge is no longer the KV of a prompt.
 //!
 //! The KV of a text, stored post-RoPE at positions 0..p-1, is exactly what a cartridge is; training
@@ -29,17 +30,19 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (text_path, out) = match args.as_slice() {
         [t, o, ..] => (PathBuf::from(t), PathBuf::from(o)),
-        _ => bail!("usage: corpus_kv TEXT_FILE OUT.cart [P] [DEVICE] [first|selected]"),
+        _ => bail!("usage: corpus_kv TEXT_FILE OUT.cart [P] [DEVICE] [first|selected|fitted]"),
     };
     let p: usize = match args.get(2) {
         Some(s) => s.parse().context("P must be a number")?,
         None => 256,
     };
     let device = device::parse(args.get(3).map_or("cpu", String::as_str))?.open()?;
-    let selected = match args.get(4).map(String::as_str) {
-        None | Some("first") => false,
-        Some("selected") => true,
-        Some(other) => bail!("unknown initialisation {other:?}: first or selected"),
+    // (selected, values fitted)
+    let (selected, fitted) = match args.get(4).map(String::as_str) {
+        None | Some("first") => (false, false),
+        Some("selected") => (true, false),
+        Some("fitted") => (true, true),
+        Some(other) => bail!("unknown initialisation {other:?}: first, selected or fitted"),
     };
     let loaded = loader::load_default(&device)?;
     let model = Transformer::load(loaded.var_builder(), &loaded.config)?;
@@ -56,14 +59,14 @@ fn main() -> Result<()> {
     let prefix = &ids[..p];
 
     let kv = if selected {
-        cartridge_compiler::init::select_corpus_kv(&model, p, &ids)?
+        cartridge_compiler::init::select_corpus_kv(&model, p, &ids, fitted)?
     } else {
         model.prefix_kv(None, prefix)?
     };
-    let init = if selected {
-        "selected_keys"
-    } else {
-        "first_tokens"
+    let init = match (selected, fitted) {
+        (true, true) => "selected_fitted",
+        (true, false) => "selected_keys",
+        _ => "first_tokens",
     };
     let provenance = Provenance {
         created: cartridge_formats::time::now_rfc3339(),

@@ -42,9 +42,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = TrainConfig::default().frozen_tokens)]
     pub frozen_tokens: usize,
     /// Initialisation: selected-keys (per layer and head, the keys of the whole corpus that reading
-    /// it attends to most), corpus (KV of the corpus's first tokens), random-text, random-vectors,
-    /// sampled-chunks.
-    #[arg(long, default_value = "selected-keys", value_parser = ["corpus", "selected-keys", "random-text", "random-vectors", "sampled-chunks"])]
+    /// it attends to most), selected-fitted (the same keys, with values refitted by least squares
+    /// to read what the whole corpus read: one more pass over it), corpus (KV of the corpus's first
+    /// tokens), random-text, random-vectors, sampled-chunks.
+    #[arg(long, default_value = "selected-keys", value_parser = ["corpus", "selected-keys", "selected-fitted", "random-text", "random-vectors", "sampled-chunks"])]
     pub init: String,
     /// Loss: distill (teacher top-k) or tokens (next-token prediction, for ablations).
     #[arg(long, default_value = "distill", value_parser = ["distill", "tokens"])]
@@ -124,6 +125,7 @@ impl TrainArgs {
                 "random-vectors" => InitKind::RandomVectors,
                 "sampled-chunks" => InitKind::SampledChunks,
                 "corpus" => InitKind::CorpusText,
+                "selected-fitted" => InitKind::SelectedFitted,
                 _ => InitKind::SelectedKeys,
             },
             objective: match self.objective.as_str() {
@@ -159,7 +161,7 @@ impl TrainArgs {
         self.summary
             || matches!(
                 self.init.as_str(),
-                "corpus" | "sampled-chunks" | "selected-keys"
+                "corpus" | "sampled-chunks" | "selected-keys" | "selected-fitted"
             )
     }
 

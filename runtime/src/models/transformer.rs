@@ -578,6 +578,25 @@ impl Transformer {
                 "observer rows {observers:?} outside the {n} tokens"
             )));
         }
+        let (kv, queries) = self.kv_and_queries(tokens)?;
+        let groups = self.cfg.num_attention_heads / self.cfg.num_kv_heads;
+        let mut received = Vec::with_capacity(kv.layers().len());
+        for ((k, _), q) in kv.layers().iter().zip(&queries) {
+            received.push(attention_received::attention_received(
+                q,
+                k,
+                groups,
+                observers.clone(),
+            )?);
+        }
+        Ok((kv, received))
+    }
+
+    /// Per-layer K/V of `tokens` (positions `0..n-1`) and each layer's scaled post-RoPE queries
+    /// `[kv_heads, groups * n, head_dim]`, rows ordered (group, token). One forward of all the
+    /// tokens, so they must fit the model's positions.
+    pub fn kv_and_queries(&self, tokens: &[u32]) -> Result<(PrefixKv, Vec<Tensor>)> {
+        let n = tokens.len();
         let ids = Tensor::from_vec(tokens.to_vec(), (1, n), &self.device)?;
         let x = self.embed(&ids)?;
         let mut queries = Vec::new();
@@ -591,20 +610,15 @@ impl Transformer {
             None,
             Some(&mut queries),
         )?;
-        let groups = self.cfg.num_attention_heads / self.cfg.num_kv_heads;
-        let mut layers = Vec::with_capacity(kv.len());
-        let mut received = Vec::with_capacity(kv.len());
-        for ((k, v), q) in kv.into_iter().zip(queries) {
-            let (k, v) = (k.squeeze(0)?, v.squeeze(0)?);
-            received.push(attention_received::attention_received(
-                &q.squeeze(0)?,
-                &k,
-                groups,
-                observers.clone(),
-            )?);
-            layers.push((k, v));
-        }
-        Ok((PrefixKv::new(layers)?, received))
+        let layers = kv
+            .into_iter()
+            .map(|(k, v)| Ok((k.squeeze(0)?, v.squeeze(0)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let queries = queries
+            .into_iter()
+            .map(|q| Ok(q.squeeze(0)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((PrefixKv::new(layers)?, queries))
     }
 
     /// Post-RoPE keys `[kv_heads, n, head_dim]` moved from the positions they were computed at

@@ -1,0 +1,248 @@
+//! Values for a cartridge's selected corpus keys, fitted so that attending to the few keys reads
+//! what attending to the whole corpus read ([`crate::InitKind::SelectedFitted`]).
+//!
+//! Why: a selected key keeps the value it had in the corpus, but a query that saw thousands of
+//! keys now sees a tenth of them, so the softmax spreads its weight over fewer values and reads
+//! something else. With the keys fixed, each KV head's read is linear in the values: for observer
+//! queries `Q`, the selected keys give attention weights `A = softmax(Q K_s^T)` and the whole
+//! corpus gave outputs `O = softmax(Q K^T) V`, so the values that best reproduce `O` solve the
+//! ridge least-squares problem `min |A V_s - O|^2 + lambda |V_s - V_0|^2` (`V_0`: the keys' own
+//! values), `(A^T A + lambda I) V_s = A^T O + lambda V_0`. The observers are the corpus's own
+//! queries (its later three quarters, at most [`FIT_ROWS`] rows per segment and head), each seeing
+//! the keys before it, as they did when the corpus was read. Measured on the example corpora
+//! (BENCHMARKS.md, "Training"): the untrained cartridge closes 47% instead of 43% (quenmar) and
+//! 40% instead of 21% (tidewright) of the bare -> ICL gap in answer log-likelihood.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Observer rows (queries) per corpus segment and KV head.
+pub const FIT_ROWS: usize = 4096;
+
+/// The ridge `lambda` as a share of the mean diagonal of `A^T A`: small enough to fit, large
+/// enough that keys few queries attend to stay near their own values (with observers from the
+/// corpus's later seven eighths, 1e-2 and 1e-4 both did worse on quenmar's questions than 1e-3).
+pub const RIDGE: f64 = 1e-3;
+
+/// The normal equations of one KV head's fit, summed over corpus segments.
+pub struct NormalEquations {
+    /// `A^T A`, `[p, p]`.
+    gram: Tensor,
+    /// `A^T O`, `[p, d]`.
+    rhs: Tensor,
+}
+
+impl NormalEquations {
+    /// Adds one segment's observers. `q: [groups * n, d]` (rows (group, token), scaled as the
+    /// model scales them), `k, v: [n, d]` the segment's keys and values; `chosen[j]` is the
+    /// segment position of slot `j`'s key, or `None` when slot `j` comes from another segment
+    /// (this segment's queries never saw it). Rows that see no chosen key add nothing.
+    pub fn add(
+        acc: Option<Self>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        chosen: &[Option<usize>],
+        groups: usize,
+    ) -> Result<Option<Self>> {
+        let (n, _) = k.dims2()?;
+        let p = chosen.len();
+        let step = (n * groups).div_ceil(FIT_ROWS).max(1);
+        // Observer rows that see at least one chosen key: the earliest chosen position.
+        let first = chosen.iter().flatten().min().copied();
+        let rows: Vec<u32> = match first {
+            None => Vec::new(),
+            Some(first) => (0..groups)
+                .flat_map(|g| (first..n).step_by(step).map(move |i| (g * n + i) as u32))
+                .collect(),
+        };
+        if rows.is_empty() {
+            return Ok(acc);
+        }
+        let nr = rows.len();
+        let dev = q.device();
+        let mut mask_all = vec![0f32; nr * n];
+        let mut mask_chosen = vec![0f32; nr * p];
+        for (r, &row) in rows.iter().enumerate() {
+            let i = row as usize % n;
+            mask_all[r * n + i + 1..(r + 1) * n].fill(f32::NEG_INFINITY);
+            for (j, c) in chosen.iter().enumerate() {
+                if !matches!(c, Some(c) if *c <= i) {
+                    mask_chosen[r * p + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let q = q.index_select(&Tensor::from_vec(rows, nr, dev)?, 0)?;
+        let weights = |keys: &Tensor, mask: Vec<f32>, width: usize| -> Result<Tensor> {
+            let mask = Tensor::from_vec(mask, (nr, width), dev)?;
+            Ok(candle_nn::ops::softmax_last_dim(
+                &(q.matmul(&keys.t()?)? + mask)?,
+            )?)
+        };
+        let o = weights(k, mask_all, n)?.matmul(v)?;
+        // Slots from other segments get a placeholder key (position 0); their weight is masked.
+        let idx: Vec<u32> = chosen.iter().map(|c| c.unwrap_or(0) as u32).collect();
+        let keys = k.index_select(&Tensor::from_vec(idx, p, dev)?, 0)?;
+        let a = weights(&keys, mask_chosen, p)?;
+        let at = a.t()?;
+        let (gram, rhs) = (at.matmul(&a)?, at.matmul(&o)?);
+        Ok(Some(match acc {
+            None => Self { gram, rhs },
+            Some(acc) => Self {
+                gram: (acc.gram + gram)?,
+                rhs: (acc.rhs + rhs)?,
+            },
+        }))
+    }
+
+    /// The fitted values `[p, d]`, pulled towards `v0` (the keys' own values) by the ridge.
+    pub fn solve(&self, v0: &Tensor, ridge: f64) -> Result<Tensor> {
+        let (p, d) = v0.dims2()?;
+        let gram = self
+            .gram
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        let rhs = self
+            .rhs
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        let v0s = v0.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        let trace: f64 = (0..p).map(|i| gram[i * p + i]).sum();
+        // A slot no observer weighs (all-zero rows) keeps its own value through the ridge; the
+        // floor keeps the system positive definite even if nothing was observed.
+        let lambda = (ridge * trace / p as f64).max(1e-12);
+        let mut m = gram;
+        for i in 0..p {
+            m[i * p + i] += lambda;
+        }
+        let mut b: Vec<f64> = rhs
+            .iter()
+            .zip(&v0s)
+            .map(|(&r, &v)| r + lambda * v)
+            .collect();
+        cholesky_solve(&mut m, &mut b, p, d)?;
+        let out: Vec<f32> = b.iter().map(|&x| x as f32).collect();
+        Ok(Tensor::from_vec(out, (p, d), v0.device())?.to_dtype(v0.dtype())?)
+    }
+}
+
+/// Solves `M X = B` in place: `m` is `[p, p]` symmetric positive definite (overwritten by its
+/// Cholesky factor), `b` is `[p, d]` (overwritten by `X`).
+fn cholesky_solve(m: &mut [f64], b: &mut [f64], p: usize, d: usize) -> Result<()> {
+    for j in 0..p {
+        let diag = m[j * p + j] - (0..j).map(|k| m[j * p + k] * m[j * p + k]).sum::<f64>();
+        // Also refuses NaN.
+        if diag.is_nan() || diag <= 0.0 {
+            return Err(Error::Config(
+                "value fit: the normal equations are not positive definite".into(),
+            ));
+        }
+        let diag = diag.sqrt();
+        m[j * p + j] = diag;
+        for i in j + 1..p {
+            let dot: f64 = (0..j).map(|k| m[i * p + k] * m[j * p + k]).sum();
+            m[i * p + j] = (m[i * p + j] - dot) / diag;
+        }
+    }
+    for c in 0..d {
+        // L y = b, then L^T x = y.
+        for i in 0..p {
+            let dot: f64 = (0..i).map(|k| m[i * p + k] * b[k * d + c]).sum();
+            b[i * d + c] = (b[i * d + c] - dot) / m[i * p + i];
+        }
+        for i in (0..p).rev() {
+            let dot: f64 = (i + 1..p).map(|k| m[k * p + i] * b[k * d + c]).sum();
+            b[i * d + c] = (b[i * d + c] - dot) / m[i * p + i];
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn cholesky_solves_a_symmetric_positive_definite_system() -> Result<()> {
+        // M = L L^T with a known L; X known; B = M X.
+        let p = 5;
+        let l: Vec<f64> = (0..p * p)
+            .map(|i| match (i / p, i % p) {
+                (r, c) if r == c => 2.0 + r as f64,
+                (r, c) if c < r => 0.3 * (r + 2 * c) as f64 - 1.0,
+                _ => 0.0,
+            })
+            .collect();
+        let mut m = vec![0f64; p * p];
+        for r in 0..p {
+            for c in 0..p {
+                m[r * p + c] = (0..p).map(|k| l[r * p + k] * l[c * p + k]).sum();
+            }
+        }
+        let x: Vec<f64> = (0..p * 2).map(|i| i as f64 * 0.5 - 2.0).collect();
+        let mut b = vec![0f64; p * 2];
+        for r in 0..p {
+            for c in 0..2 {
+                b[r * 2 + c] = (0..p).map(|k| m[r * p + k] * x[k * 2 + c]).sum();
+            }
+        }
+        cholesky_solve(&mut m, &mut b, p, 2)?;
+        for (got, want) in b.iter().zip(&x) {
+            assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+        }
+        let mut singular = vec![1.0, 1.0, 1.0, 1.0];
+        assert!(cholesky_solve(&mut singular, &mut [1.0, 1.0], 2, 1).is_err());
+        Ok(())
+    }
+
+    /// What the fit is for: with a tenth of the keys, the fitted values reproduce the whole
+    /// corpus's attention outputs better than the keys' own values do.
+    #[test]
+    fn fitted_values_read_closer_to_the_whole_corpus() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, d, groups) = (200, 8, 2);
+        let q = (Tensor::randn(0f32, 1.0, (groups * n, d), &dev)? * 0.5)?;
+        let k = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
+        let picked: Vec<usize> = (0..n).step_by(10).collect();
+        let chosen: Vec<Option<usize>> = picked.iter().map(|&c| Some(c)).collect();
+        let eq = NormalEquations::add(None, &q, &k, &v, &chosen, groups)?.expect("observers");
+        let idx = Tensor::from_vec(
+            picked.iter().map(|&c| c as u32).collect::<Vec<_>>(),
+            picked.len(),
+            &dev,
+        )?;
+        let v0 = v.index_select(&idx, 0)?;
+        let fitted = eq.solve(&v0, RIDGE)?;
+        // The residual |A V - O|^2 = tr(V^T G V) - 2 tr(V^T R) + const, compared without const.
+        let cost = |vals: &Tensor| -> Result<f64> {
+            let quad = vals.t()?.matmul(&eq.gram.matmul(vals)?)?;
+            let lin = vals.t()?.matmul(&eq.rhs)?;
+            let tr = |t: &Tensor| -> Result<f64> {
+                let m = t.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+                Ok((0..m.len()).map(|i| m[i][i]).sum())
+            };
+            Ok(tr(&quad)? - 2.0 * tr(&lin)?)
+        };
+        let (before, after) = (cost(&v0)?, cost(&fitted)?);
+        assert!(
+            after < before - 1e-3,
+            "fit did not help: {before} -> {after}"
+        );
+        // A slot from another segment (never observed here) keeps its own value.
+        let mut partial = chosen.clone();
+        partial[3] = None;
+        let eq = NormalEquations::add(None, &q, &k, &v, &partial, groups)?.expect("observers");
+        let fitted = eq.solve(&v0, RIDGE)?;
+        let diff = (fitted.get(3)? - v0.get(3)?)?
+            .abs()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "an unobserved slot moved by {diff}");
+        Ok(())
+    }
+}
