@@ -139,17 +139,11 @@ pub fn init_kv(
         InitKind::SampledChunks => {
             Ok(model.prefix_kv(None, &sampled_ids(&mut rng, corpus_ids, p, "a cartridge")?)?)
         }
-        InitKind::SelectedKeys => {
+        InitKind::SelectedKeys | InitKind::SelectedFitted => {
             let ids = corpus_ids.ok_or_else(|| {
                 Error::Config("selected-keys initialisation needs the corpus token ids".into())
             })?;
-            select_corpus_kv(model, p, ids, false)
-        }
-        InitKind::SelectedFitted => {
-            let ids = corpus_ids.ok_or_else(|| {
-                Error::Config("selected-fitted initialisation needs the corpus token ids".into())
-            })?;
-            select_corpus_kv(model, p, ids, true)
+            select_corpus_kv(model, p, ids, kind == InitKind::SelectedFitted)
         }
         InitKind::RandomVectors => {
             let probe = model.prefix_kv(None, &random_ids(&mut rng, SCALE_PROBE_TOKENS, vocab))?;
@@ -253,18 +247,17 @@ pub fn select_corpus_kv(
                 position: 0,
             })
             .chain(pool);
-            let (mut ks, mut vs, mut pos) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut ks, mut vs) = (Vec::new(), Vec::new());
             let mut head_slots = Vec::with_capacity(p);
             for c in chosen {
                 head_slots.push((c.segment, c.position));
                 let (k, v) = segments[c.segment].0.layers()[li].clone();
                 ks.push(k.narrow(0, h, 1)?.narrow(1, c.position, 1)?);
                 vs.push(v.narrow(0, h, 1)?.narrow(1, c.position, 1)?);
-                pos.push(c.position as u32);
             }
             keys.push(Tensor::cat(&ks, 1)?);
             values.push(Tensor::cat(&vs, 1)?);
-            from.push(pos);
+            from.push(head_slots.iter().map(|&(_, pos)| pos as u32).collect());
             slots.push(head_slots);
         }
         let k = model.move_keys(&Tensor::cat(&keys, 0)?, &from, &to)?;
@@ -278,7 +271,8 @@ pub fn select_corpus_kv(
 }
 
 /// Replaces each selected key's value by the least-squares fit of [`crate::value_fit`]: one more
-/// forward per segment, for its queries.
+/// forward per segment, for its queries (the selection's forwards do not keep them: a segment's
+/// queries take 1.5x the memory of its K/V, which the selection already holds for every segment).
 fn refit_values(
     model: &Transformer,
     segments: &[&[u32]],

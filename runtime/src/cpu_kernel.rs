@@ -40,9 +40,10 @@ impl Elem for f64 {
 fn exp_f32(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23
-                                     // A plain comparison, not `f32::max`: its NaN handling costs a compare and a blend per
-                                     // vector, and no score here is NaN.
+    // 1.5 * 2^23.
+    const SHIFT: f32 = 12_582_912.0;
+    // A plain comparison, not `f32::max`: its NaN handling costs a compare and a blend per
+    // vector, and no score here is NaN.
     let x = if x < -87.0 { -87.0 } else { x };
     // Adding 1.5 * 2^23 rounds x log2(e) to the nearest integer n and leaves it in the low
     // mantissa bits of `t` (exact for |n| < 2^22): `t.to_bits() = 0x4B40_0000 + n`, from which

@@ -475,6 +475,24 @@ mod tests {
             .expect("difference")
     }
 
+    /// `fused` equals `plain`, and so do the gradients of `sum(out * gy)` w.r.t. each of `vars`.
+    fn assert_same(
+        fused: Tensor,
+        plain: Tensor,
+        vars: &[&Var],
+        gy: &Tensor,
+    ) -> candle_core::Result<()> {
+        assert_eq!(fused.dims(), plain.dims());
+        assert!(max_diff(&fused, &plain) < 1e-12);
+        let gf = (fused * gy)?.sum_all()?.backward()?;
+        let gp = (plain * gy)?.sum_all()?.backward()?;
+        for v in vars {
+            let d = max_diff(gf.get(v).expect("grad"), gp.get(v).expect("grad"));
+            assert!(d < 1e-12, "gradient differs by {d:e}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn rms_norm_matches_the_composed_formulation() -> candle_core::Result<()> {
         let dev = Device::Cpu;
@@ -486,12 +504,7 @@ mod tests {
             .sqrt()?
             .recip()?;
         let plain = x.broadcast_mul(&inv)?.broadcast_mul(&w)?;
-        assert!(max_diff(&fused, &plain) < 1e-12);
-        let gf = (fused * &gy)?.sum_all()?.backward()?;
-        let gp = (plain * &gy)?.sum_all()?.backward()?;
-        let d = max_diff(gf.get(&x).expect("grad"), gp.get(&x).expect("grad"));
-        assert!(d < 1e-12, "gradient differs by {d:e}");
-        Ok(())
+        assert_same(fused, plain, &[&x], &gy)
     }
 
     #[test]
@@ -506,31 +519,13 @@ mod tests {
         for angles in [shared, per_seq] {
             let (cos, sin) = (angles.cos()?, angles.sin()?);
             let fused = rope_heads_first(&x, &cos, &sin, 0.5).map_err(candle_core::Error::wrap)?;
-            // [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], heads first, times 0.5.
+            // The composed training-path RoPE of the heads-first view, times 0.5.
             let xt = x.as_tensor().transpose(1, 2)?;
-            let (c, s) = match cos.rank() {
-                2 => (
-                    cos.reshape((1, 1, t, d / 2))?,
-                    sin.reshape((1, 1, t, d / 2))?,
-                ),
-                _ => (
-                    cos.reshape((b, 1, t, d / 2))?,
-                    sin.reshape((b, 1, t, d / 2))?,
-                ),
-            };
-            let (x1, x2) = (
-                xt.narrow(D::Minus1, 0, d / 2)?,
-                xt.narrow(D::Minus1, d / 2, d / 2)?,
-            );
-            let r1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
-            let r2 = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&s)?)?;
-            let plain = (Tensor::cat(&[&r1, &r2], D::Minus1)? * 0.5)?;
+            let plain = (crate::ops::rope(&xt, &cos, &sin, crate::Path::Train)
+                .map_err(candle_core::Error::wrap)?
+                * 0.5)?;
             assert_eq!(fused.dims(), [b, h, t, d]);
-            assert!(max_diff(&fused, &plain) < 1e-12);
-            let gf = (fused * &gy)?.sum_all()?.backward()?;
-            let gp = (plain * &gy)?.sum_all()?.backward()?;
-            let diff = max_diff(gf.get(&x).expect("grad"), gp.get(&x).expect("grad"));
-            assert!(diff < 1e-12, "gradient differs by {diff:e}");
+            assert_same(fused, plain, &[&x], &gy)?;
         }
         Ok(())
     }
@@ -575,13 +570,6 @@ mod tests {
         let gy = Tensor::randn(0f64, 1.0, (4, 7000), &dev)?;
         let fused = swiglu(&g, &u).map_err(candle_core::Error::wrap)?;
         let plain = ((g.as_tensor() * candle_nn::ops::sigmoid(&g)?)? * u.as_tensor())?;
-        assert!(max_diff(&fused, &plain) < 1e-12);
-        let gf = (fused * &gy)?.sum_all()?.backward()?;
-        let gp = (plain * &gy)?.sum_all()?.backward()?;
-        for v in [&g, &u] {
-            let d = max_diff(gf.get(v).expect("grad"), gp.get(v).expect("grad"));
-            assert!(d < 1e-12, "gradient differs by {d:e}");
-        }
-        Ok(())
+        assert_same(fused, plain, &[&g, &u], &gy)
     }
 }

@@ -234,7 +234,7 @@ fn xwt(x: &[f32], rows: usize, w: &PackedWeight) -> Vec<f32> {
 pub(crate) fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+        crate::cpu_kernel::has_avx512f() && std::arch::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
