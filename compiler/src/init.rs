@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::value_fit::{NormalEquations, RIDGE};
+use crate::value_fit::{NormalEquations, Observers, RIDGE};
 
 /// How the parameters start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -309,6 +309,17 @@ fn keep_corpus_distances(
     Ok(model.move_keys(keys, &from, &vec![base as u32; p])?)
 }
 
+/// One head's queries `[groups * n, d]` (rows (group, token), each at its token's position)
+/// moved to position `n - 1`, where a question after the segment would ask.
+fn queries_at_end(model: &Transformer, q: &Tensor, n: usize) -> Result<Tensor> {
+    let rows = q.dim(0)?;
+    let from: Vec<u32> = (0..rows).map(|r| (r % n) as u32).collect();
+    let to = vec![(n - 1) as u32; rows];
+    Ok(model
+        .move_keys(&q.unsqueeze(0)?, &[from], &to)?
+        .squeeze(0)?)
+}
+
 /// Replaces each selected key's value by the least-squares fit of [`crate::value_fit`]: one more
 /// forward per segment, for its queries (the selection's forwards do not keep them: a segment's
 /// queries take 1.5x the memory of its K/V, which the selection already holds for every segment).
@@ -331,14 +342,11 @@ fn refit_values(
                     .iter()
                     .map(|&(segment, position)| (segment == si).then_some(position))
                     .collect();
-                *eq = NormalEquations::add(
-                    eq.take(),
-                    &q.get(h)?,
-                    &k.get(h)?,
-                    &v.get(h)?,
-                    &chosen,
-                    groups,
-                )?;
+                let (q, k, v) = (q.get(h)?, k.get(h)?, v.get(h)?);
+                let at_end = queries_at_end(model, &q, seg.len())?;
+                for (q, observers) in [(&q, Observers::InPlace), (&at_end, Observers::AtEnd)] {
+                    *eq = NormalEquations::add(eq.take(), q, &k, &v, &chosen, groups, observers)?;
+                }
             }
         }
     }

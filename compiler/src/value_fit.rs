@@ -7,11 +7,15 @@
 //! queries `Q`, the selected keys give attention weights `A = softmax(Q K_s^T)` and the whole
 //! corpus gave outputs `O = softmax(Q K^T) V`, so the values that best reproduce `O` solve the
 //! ridge least-squares problem `min |A V_s - O|^2 + lambda |V_s - V_0|^2` (`V_0`: the keys' own
-//! values), `(A^T A + lambda I) V_s = A^T O + lambda V_0`. The observers are the corpus's own
-//! queries (its later three quarters, at most [`FIT_ROWS`] rows per segment and head), each seeing
-//! the keys before it, as they did when the corpus was read. Measured on the example corpora
-//! (BENCHMARKS.md, "Training"): the untrained cartridge closes 47% instead of 43% (quenmar) and
-//! 40% instead of 21% (tidewright) of the bare -> ICL gap in answer log-likelihood.
+//! values), `(A^T A + lambda I) V_s = A^T O + lambda V_0`.
+//!
+//! The observers are the corpus's own queries, evenly spaced over it (at most [`FIT_ROWS`] rows
+//! per segment, head and kind), of two kinds ([`Observers`]): each query where it was, seeing the
+//! keys before it, as when the corpus was read; and each query moved to the end of its segment,
+//! seeing all of it, as a question after the corpus would. Measured on the example corpora's
+//! questions (BENCHMARKS.md, "Training"), untrained, share of the bare -> ICL gap in answer
+//! log-likelihood: quenmar (p = 512) 43% with the keys' own values, 55% fitted to the first kind,
+//! 61% to both; tidewright (p = 224) 21%, 45%, 50%. The second kind alone did worse than the first.
 
 use candle_core::{DType, Tensor};
 
@@ -25,6 +29,15 @@ pub const FIT_ROWS: usize = 4096;
 /// corpus's later seven eighths, 1e-2 and 1e-4 both did worse on quenmar's questions than 1e-3).
 pub const RIDGE: f64 = 1e-3;
 
+/// Which reads of the corpus a set of observer queries reproduces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observers {
+    /// Each query at its own position, over the keys up to it (the causal read).
+    InPlace,
+    /// Each query moved to the segment's last position, over all of the segment's keys.
+    AtEnd,
+}
+
 /// The normal equations of one KV head's fit, summed over corpus segments.
 pub struct NormalEquations {
     /// `A^T A`, `[p, p]`.
@@ -35,9 +48,10 @@ pub struct NormalEquations {
 
 impl NormalEquations {
     /// Adds one segment's observers. `q: [groups * n, d]` (rows (group, token), scaled as the
-    /// model scales them), `k, v: [n, d]` the segment's keys and values; `chosen[j]` is the
-    /// segment position of slot `j`'s key, or `None` when slot `j` comes from another segment
-    /// (this segment's queries never saw it). Rows that see no chosen key add nothing.
+    /// model scales them, post-RoPE at the positions `observers` says), `k, v: [n, d]` the
+    /// segment's keys and values; `chosen[j]` is the segment position of slot `j`'s key, or
+    /// `None` when slot `j` comes from another segment (this segment's queries never saw it).
+    /// Rows that see no chosen key add nothing.
     pub fn add(
         acc: Option<Self>,
         q: &Tensor,
@@ -45,12 +59,17 @@ impl NormalEquations {
         v: &Tensor,
         chosen: &[Option<usize>],
         groups: usize,
+        observers: Observers,
     ) -> Result<Option<Self>> {
         let (n, _) = k.dims2()?;
         let p = chosen.len();
         let step = (n * groups).div_ceil(FIT_ROWS).max(1);
-        // Observer rows that see at least one chosen key: the earliest chosen position.
-        let first = chosen.iter().flatten().min().copied();
+        // Observer rows that see at least one chosen key: in place, from the earliest chosen
+        // position on; at the end, all of them.
+        let first = match observers {
+            Observers::InPlace => chosen.iter().flatten().min().copied(),
+            Observers::AtEnd => chosen.iter().flatten().next().map(|_| 0),
+        };
         let rows: Vec<u32> = match first {
             None => Vec::new(),
             Some(first) => (0..groups)
@@ -65,7 +84,11 @@ impl NormalEquations {
         let mut mask_all = vec![0f32; nr * n];
         let mut mask_chosen = vec![0f32; nr * p];
         for (r, &row) in rows.iter().enumerate() {
-            let i = row as usize % n;
+            // The last key this row sees.
+            let i = match observers {
+                Observers::InPlace => row as usize % n,
+                Observers::AtEnd => n - 1,
+            };
             mask_all[r * n + i + 1..(r + 1) * n].fill(f32::NEG_INFINITY);
             for (j, c) in chosen.iter().enumerate() {
                 if !matches!(c, Some(c) if *c <= i) {
@@ -210,39 +233,72 @@ mod tests {
         let v = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
         let picked: Vec<usize> = (0..n).step_by(10).collect();
         let chosen: Vec<Option<usize>> = picked.iter().map(|&c| Some(c)).collect();
-        let eq = NormalEquations::add(None, &q, &k, &v, &chosen, groups)?.expect("observers");
         let idx = Tensor::from_vec(
             picked.iter().map(|&c| c as u32).collect::<Vec<_>>(),
             picked.len(),
             &dev,
         )?;
         let v0 = v.index_select(&idx, 0)?;
-        let fitted = eq.solve(&v0, RIDGE)?;
-        // The residual |A V - O|^2 = tr(V^T G V) - 2 tr(V^T R) + const, compared without const.
-        let cost = |vals: &Tensor| -> Result<f64> {
-            let quad = vals.t()?.matmul(&eq.gram.matmul(vals)?)?;
-            let lin = vals.t()?.matmul(&eq.rhs)?;
-            let tr = |t: &Tensor| -> Result<f64> {
-                let m = t.to_dtype(DType::F64)?.to_vec2::<f64>()?;
-                Ok((0..m.len()).map(|i| m[i][i]).sum())
+        for observers in [Observers::InPlace, Observers::AtEnd] {
+            let eq = NormalEquations::add(None, &q, &k, &v, &chosen, groups, observers)?
+                .expect("observers");
+            let fitted = eq.solve(&v0, RIDGE)?;
+            // The residual |A V - O|^2 = tr(V^T G V) - 2 tr(V^T R) + const, without const.
+            let cost = |vals: &Tensor| -> Result<f64> {
+                let quad = vals.t()?.matmul(&eq.gram.matmul(vals)?)?;
+                let lin = vals.t()?.matmul(&eq.rhs)?;
+                let tr = |t: &Tensor| -> Result<f64> {
+                    let m = t.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+                    Ok((0..m.len()).map(|i| m[i][i]).sum())
+                };
+                Ok(tr(&quad)? - 2.0 * tr(&lin)?)
             };
-            Ok(tr(&quad)? - 2.0 * tr(&lin)?)
-        };
-        let (before, after) = (cost(&v0)?, cost(&fitted)?);
-        assert!(
-            after < before - 1e-3,
-            "fit did not help: {before} -> {after}"
-        );
+            let (before, after) = (cost(&v0)?, cost(&fitted)?);
+            assert!(
+                after < before - 1e-3,
+                "{observers:?}: fit did not help: {before} -> {after}"
+            );
+        }
         // A slot from another segment (never observed here) keeps its own value.
         let mut partial = chosen.clone();
         partial[3] = None;
-        let eq = NormalEquations::add(None, &q, &k, &v, &partial, groups)?.expect("observers");
+        let eq = NormalEquations::add(None, &q, &k, &v, &partial, groups, Observers::InPlace)?
+            .expect("observers");
         let fitted = eq.solve(&v0, RIDGE)?;
         let diff = (fitted.get(3)? - v0.get(3)?)?
             .abs()?
             .max(0)?
             .to_scalar::<f32>()?;
         assert!(diff < 1e-4, "an unobserved slot moved by {diff}");
+        Ok(())
+    }
+
+    /// Observers at the end see every key: their normal equations are those of the unmasked
+    /// softmax, written out here.
+    #[test]
+    fn observers_at_the_end_see_the_whole_segment() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, d, groups) = (40, 8, 2);
+        let q = Tensor::randn(0f32, 1.0, (groups * n, d), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
+        let picked: Vec<u32> = vec![0, 7, 19, 39];
+        let chosen: Vec<Option<usize>> = picked.iter().map(|&c| Some(c as usize)).collect();
+        let eq = NormalEquations::add(None, &q, &k, &v, &chosen, groups, Observers::AtEnd)?
+            .expect("observers");
+        let keys = k.index_select(&Tensor::from_vec(picked, 4, &dev)?, 0)?;
+        let a = candle_nn::ops::softmax_last_dim(&q.matmul(&keys.t()?)?)?;
+        let o = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(&v)?;
+        let gram = a.t()?.matmul(&a)?;
+        let rhs = a.t()?.matmul(&o)?;
+        for (got, want) in [(&eq.gram, &gram), (&eq.rhs, &rhs)] {
+            let diff = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "normal equations differ by {diff}");
+        }
         Ok(())
     }
 }
