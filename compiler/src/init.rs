@@ -6,13 +6,13 @@
 //! `StdRng` because candle's `randn` draws from an unseeded thread RNG.
 
 use candle_core::{DType, Tensor};
-use cartridge_runtime::{PrefixKv, Transformer};
+use cartridge_runtime::{Observers, PrefixKv, Transformer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::value_fit::{NormalEquations, Observers, RIDGE};
+use crate::value_fit::{NormalEquations, RIDGE};
 
 /// How the parameters start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -209,7 +209,7 @@ pub fn select_corpus_kv(
     // Per segment: its K/V and, per layer, per KV head, each key's score.
     let mut segments: Vec<(PrefixKv, Vec<Vec<Vec<f32>>>)> = Vec::with_capacity(keep);
     for &seg in &chosen_segments {
-        let (kv, received) = model.attention_received(seg, 0..seg.len())?;
+        let (kv, received) = model.attention_received(seg, 0..seg.len(), Observers::AtEnd)?;
         let scores = received
             .iter()
             .map(|r| Ok(r.to_vec2::<f32>()?))
@@ -309,17 +309,6 @@ fn keep_corpus_distances(
     Ok(model.move_keys(keys, &from, &vec![base as u32; p])?)
 }
 
-/// One head's queries `[groups * n, d]` (rows (group, token), each at its token's position)
-/// moved to position `n - 1`, where a question after the segment would ask.
-fn queries_at_end(model: &Transformer, q: &Tensor, n: usize) -> Result<Tensor> {
-    let rows = q.dim(0)?;
-    let from: Vec<u32> = (0..rows).map(|r| (r % n) as u32).collect();
-    let to = vec![(n - 1) as u32; rows];
-    Ok(model
-        .move_keys(&q.unsqueeze(0)?, &[from], &to)?
-        .squeeze(0)?)
-}
-
 /// Replaces each selected key's value by the least-squares fit of [`crate::value_fit`]: one more
 /// forward per segment, for its queries (the selection's forwards do not keep them: a segment's
 /// queries take 1.5x the memory of its K/V, which the selection already holds for every segment).
@@ -337,15 +326,16 @@ fn refit_values(
     for (si, seg) in segments.iter().enumerate() {
         let (kv, queries) = model.kv_and_queries(seg)?;
         for (li, ((k, v), q)) in kv.layers().iter().zip(&queries).enumerate() {
+            let at_end = model.move_queries(q, seg.len(), seg.len() as u32 - 1)?;
             for (h, eq) in equations[li].iter_mut().enumerate() {
                 let chosen: Vec<Option<usize>> = picks[li][h]
                     .iter()
                     .map(|&(segment, position)| (segment == si).then_some(position))
                     .collect();
-                let (q, k, v) = (q.get(h)?, k.get(h)?, v.get(h)?);
-                let at_end = queries_at_end(model, &q, seg.len())?;
-                for (q, observers) in [(&q, Observers::InPlace), (&at_end, Observers::AtEnd)] {
-                    *eq = NormalEquations::add(eq.take(), q, &k, &v, &chosen, groups, observers)?;
+                let (k, v) = (k.get(h)?, v.get(h)?);
+                for (q, observers) in [(q, Observers::InPlace), (&at_end, Observers::AtEnd)] {
+                    let q = q.get(h)?;
+                    *eq = NormalEquations::add(eq.take(), &q, &k, &v, &chosen, groups, observers)?;
                 }
             }
         }

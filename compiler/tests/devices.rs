@@ -326,7 +326,10 @@ fn build_cfg(compute_dtype: ComputeDtype) -> TrainConfig {
         lr: 2e-2,
         batch_size: 4,
         micro_batch: 2,
-        max_steps: Some(20),
+        // 40 steps: since the selection reads keys as a question after the corpus would, the
+        // selected start is closer to the teacher (2.37 against 2.82), and 20 steps lowered the
+        // held-out loss by 9%, short of the 10% this test asks.
+        max_steps: Some(40),
         seed: 7,
         eval_conversations: 4,
         eval_every: 0,

@@ -6,6 +6,7 @@ mod common;
 use candle_core::Tensor;
 use cartridge_compiler::init::{init_kv, select_corpus_kv};
 use cartridge_compiler::InitKind;
+use cartridge_runtime::Observers;
 use common::{max_abs_diff, tiny_model, tokens};
 
 #[test]
@@ -16,7 +17,7 @@ fn selected_keys_are_each_heads_most_attended_keys() {
     let cart = select_corpus_kv(&model, p, &corpus, false).expect("select");
     assert_eq!(cart.len(), p);
     let (full, received) = model
-        .attention_received(&corpus, 0..corpus.len())
+        .attention_received(&corpus, 0..corpus.len(), Observers::AtEnd)
         .expect("stats");
     let mut distinct_choices = 0;
     for (li, ((k, v), r)) in full.layers().iter().zip(&received).enumerate() {
@@ -167,7 +168,7 @@ fn fitted_keys_are_the_selected_keys_at_their_corpus_distances() {
     let p = 24;
     let plain = select_corpus_kv(&model, p, &corpus, false).expect("select");
     let fitted = select_corpus_kv(&model, p, &corpus, true).expect("fit");
-    let (full, _) = model.attention_received(&corpus, 0..len).expect("kv");
+    let (full, _) = model.kv_and_queries(&corpus).expect("kv");
     let shift = (len - p) as u32;
     for (li, (k, _)) in full.layers().iter().enumerate() {
         let (fk, _) = fitted.layer(li).unwrap();

@@ -14,35 +14,47 @@ use crate::error::{Error, Result};
 /// Observer rows per task: one score buffer of `rows x keys` per query head of the group.
 const ROWS_PER_TASK: usize = 64;
 
-/// Attention each key receives from the query rows `observers`, causally.
+/// Which keys an observer row reads, and from where.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observers {
+    /// Each row at its own position, over the keys up to it: the causal read of the text.
+    InPlace,
+    /// Each row's query moved after the text (the caller rotates it there), over every key: the
+    /// read of a question asked after the text, which is how a cartridge is read.
+    AtEnd,
+}
+
+/// Attention each key receives from the query rows `rows`, read as `observers` says.
 ///
 /// `q: [kv_heads, groups * n, head_dim]` are one layer's scaled post-RoPE queries with rows
 /// ordered (group, position); `k: [kv_heads, n, head_dim]` its keys. Returns `[kv_heads, n]` f32:
 /// for key `j`, the softmax weight `q_i . k_j` gets, averaged over the group's query heads and the
-/// observer rows `i >= j`; 0 for a key no observer sees. Averaging over the rows that see a key
-/// keeps early keys from winning only because more rows follow them.
+/// observer rows that see it (in place: `i >= j`; at the end: all); 0 for a key no observer sees.
+/// Averaging over the rows that see a key keeps early keys from winning only because more rows
+/// follow them.
 ///
 /// Computed on the CPU in f32 whatever the tensors' device (an initialisation-time statistic):
-/// tasks of (KV head, block of rows) score only the keys their rows may see, so the work is the
-/// causal half of `rows x keys`, and the softmax never leaves the task's buffer.
+/// tasks of (KV head, block of rows) score only the keys their rows may see, so in place the work
+/// is the causal half of `rows x keys`, and the softmax never leaves the task's buffer.
 pub fn attention_received(
     q: &Tensor,
     k: &Tensor,
     groups: usize,
-    observers: Range<usize>,
+    rows: Range<usize>,
+    observers: Observers,
 ) -> Result<Tensor> {
     let (kvh, n, d) = k.dims3()?;
-    let (qh, rows, qd) = q.dims3()?;
-    if qh != kvh || qd != d || groups == 0 || rows != groups * n {
+    let (qh, q_rows, qd) = q.dims3()?;
+    if qh != kvh || qd != d || groups == 0 || q_rows != groups * n {
         return Err(Error::Msg(format!(
             "attention statistics: queries {:?} do not match keys {:?} with {groups} groups",
             q.dims(),
             k.dims()
         )));
     }
-    if observers.is_empty() || observers.end > n {
+    if rows.is_empty() || rows.end > n {
         return Err(Error::Msg(format!(
-            "attention statistics: observer rows {observers:?} outside 0..{n}"
+            "attention statistics: observer rows {rows:?} outside 0..{n}"
         )));
     }
     let host = |t: &Tensor| -> Result<Vec<f32>> {
@@ -50,15 +62,19 @@ pub fn attention_received(
     };
     let device = k.device().clone();
     let (q, k) = (host(q)?, host(k)?);
-    let blocks: Vec<usize> = observers.clone().step_by(ROWS_PER_TASK).collect();
+    let blocks: Vec<usize> = rows.clone().step_by(ROWS_PER_TASK).collect();
     let tasks: Vec<(usize, usize)> = (0..kvh)
         .flat_map(|h| blocks.iter().map(move |&s| (h, s)))
         .collect();
     let partial: Vec<(usize, Vec<f32>)> = tasks
         .par_iter()
         .map(|&(h, start)| {
-            let len = ROWS_PER_TASK.min(observers.end - start);
-            let end = start + len; // keys 0..end are visible to some row of the block
+            let len = ROWS_PER_TASK.min(rows.end - start);
+            // Keys 0..end are visible to some row of the block.
+            let end = match observers {
+                Observers::InPlace => start + len,
+                Observers::AtEnd => n,
+            };
             let kh = &k[h * n * d..(h + 1) * n * d];
             let mut acc = vec![0f32; end];
             let mut scores = vec![0f32; len * end];
@@ -75,7 +91,10 @@ pub fn attention_received(
                     (1, d),
                 );
                 for (i, row) in scores.chunks_exact_mut(end).enumerate() {
-                    let row = &mut row[..=start + i];
+                    let row = match observers {
+                        Observers::InPlace => &mut row[..=start + i],
+                        Observers::AtEnd => row,
+                    };
                     let m = lane_max(row);
                     let mut sum = 0f32;
                     for x in row.iter_mut() {
@@ -97,13 +116,16 @@ pub fn attention_received(
             *t += a as f64;
         }
     }
-    // Rows that see key j: observers.start.max(j)..observers.end, times the group's heads.
+    // Rows that see key j (in place: rows.start.max(j)..rows.end), times the group's heads.
     let out: Vec<f32> = total
         .iter()
         .enumerate()
         .map(|(i, &t)| {
             let j = i % n;
-            let seen = observers.end.saturating_sub(observers.start.max(j));
+            let seen = match observers {
+                Observers::InPlace => rows.end.saturating_sub(rows.start.max(j)),
+                Observers::AtEnd => rows.len(),
+            };
             if seen == 0 {
                 0.0
             } else {
@@ -128,13 +150,18 @@ mod tests {
         n: usize,
         d: usize,
         obs: Range<usize>,
+        observers: Observers,
     ) -> Vec<f64> {
         let mut out = vec![0f64; kvh * n];
         for h in 0..kvh {
             for gi in 0..g {
                 for i in obs.clone() {
                     let qrow = &q[((h * g + gi) * n + i) * d..][..d];
-                    let s: Vec<f64> = (0..=i)
+                    let last = match observers {
+                        Observers::InPlace => i,
+                        Observers::AtEnd => n - 1,
+                    };
+                    let s: Vec<f64> = (0..=last)
                         .map(|j| {
                             let krow = &k[(h * n + j) * d..][..d];
                             qrow.iter().zip(krow).map(|(a, b)| (a * b) as f64).sum()
@@ -148,7 +175,10 @@ mod tests {
                 }
             }
             for j in 0..n {
-                let seen = obs.end.saturating_sub(obs.start.max(j));
+                let seen = match observers {
+                    Observers::InPlace => obs.end.saturating_sub(obs.start.max(j)),
+                    Observers::AtEnd => obs.len(),
+                };
                 if seen > 0 {
                     out[h * n + j] /= (seen * g) as f64;
                 }
@@ -166,19 +196,29 @@ mod tests {
         let qv = q.flatten_all()?.to_vec1::<f32>()?;
         let kv = k.flatten_all()?.to_vec1::<f32>()?;
         // More observer rows than one block, starting inside the text.
-        for obs in [40..300, 0..300, 299..300] {
-            let got = attention_received(&q, &k, g, obs.clone())?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let want = reference(&qv, &kv, kvh, g, n, d, obs.clone());
-            for (j, (a, b)) in got.iter().zip(&want).enumerate() {
-                assert!((*a as f64 - b).abs() < 1e-5, "{obs:?} key {j}: {a} vs {b}");
+        for observers in [Observers::InPlace, Observers::AtEnd] {
+            for obs in [40..300, 0..300, 299..300] {
+                let got = attention_received(&q, &k, g, obs.clone(), observers)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let want = reference(&qv, &kv, kvh, g, n, d, obs.clone(), observers);
+                for (j, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*a as f64 - b).abs() < 1e-5,
+                        "{observers:?} {obs:?} key {j}: {a} vs {b}"
+                    );
+                }
+                // Each row's weights sum to one: the averages, weighted back, sum to the rows.
+                let seen = |j: usize| match observers {
+                    Observers::InPlace => obs.end.saturating_sub(obs.start.max(j)),
+                    Observers::AtEnd => obs.len(),
+                };
+                let mass: f64 = (0..n).map(|j| got[j] as f64 * seen(j) as f64).sum();
+                assert!(
+                    (mass - obs.len() as f64).abs() < 1e-3,
+                    "{observers:?} {mass}"
+                );
             }
-            // Each row's weights sum to one: the averages, weighted back, sum to the rows seen.
-            let mass: f64 = (0..n)
-                .map(|j| got[j] as f64 * obs.end.saturating_sub(obs.start.max(j)) as f64)
-                .sum();
-            assert!((mass - obs.len() as f64).abs() < 1e-3, "{mass}");
         }
         Ok(())
     }
@@ -188,9 +228,10 @@ mod tests {
         let dev = Device::Cpu;
         let q = Tensor::zeros((2, 12, 4), DType::F32, &dev).unwrap();
         let k = Tensor::zeros((2, 4, 4), DType::F32, &dev).unwrap();
-        assert!(attention_received(&q, &k, 3, 0..4).is_ok());
-        assert!(attention_received(&q, &k, 2, 0..4).is_err());
-        assert!(attention_received(&q, &k, 3, 2..5).is_err());
-        assert!(attention_received(&q, &k, 3, 2..2).is_err());
+        let read = |groups, rows| attention_received(&q, &k, groups, rows, Observers::InPlace);
+        assert!(read(3, 0..4).is_ok());
+        assert!(read(2, 0..4).is_err());
+        assert!(read(3, 2..5).is_err());
+        assert!(read(3, 2..2).is_err());
     }
 }

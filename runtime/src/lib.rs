@@ -31,6 +31,7 @@ mod small_matmul;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use attention_received::Observers;
 pub use batch_decoder::BatchDecoder;
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;

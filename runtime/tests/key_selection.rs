@@ -4,6 +4,7 @@
 mod common;
 
 use candle_core::{DType, Tensor};
+use cartridge_runtime::Observers;
 use common::{max_abs_diff, tiny_model, tokens, ALL};
 
 #[test]
@@ -57,7 +58,9 @@ fn attention_received_comes_with_the_texts_own_kv() {
     for arch in ALL {
         let model = tiny_model(arch, DType::F32);
         let text = tokens(5, 40, model.config().vocab_size);
-        let (kv, received) = model.attention_received(&text, 30..40).expect("stats");
+        let (kv, received) = model
+            .attention_received(&text, 30..40, Observers::InPlace)
+            .expect("stats");
         let plain = model.prefix_kv(None, &text).expect("kv");
         assert_eq!(received.len(), model.config().num_layers);
         for (li, ((k, v), r)) in kv.layers().iter().zip(&received).enumerate() {
@@ -81,7 +84,53 @@ fn attention_received_comes_with_the_texts_own_kv() {
                 assert!(head.iter().all(|&a| a >= 0.0));
             }
         }
-        assert!(model.attention_received(&text, 30..41).is_err());
-        assert!(model.attention_received(&text, 5..5).is_err());
+        for observers in [Observers::InPlace, Observers::AtEnd] {
+            assert!(model.attention_received(&text, 30..41, observers).is_err());
+            assert!(model.attention_received(&text, 5..5, observers).is_err());
+        }
+    }
+}
+
+/// Read from the end, each observer row sees every key, and its query is the one it would have
+/// at position `n - 1`: the statistic equals the in-place one of a text whose observer row is its
+/// last token.
+#[test]
+fn attention_received_at_the_end_reads_every_key_from_the_last_position() {
+    for arch in ALL {
+        let model = tiny_model(arch, DType::F32);
+        let text = tokens(6, 24, model.config().vocab_size);
+        let n = text.len();
+        let (_, at_end) = model
+            .attention_received(&text, 0..n, Observers::AtEnd)
+            .expect("stats");
+        for head in at_end.iter().flat_map(|r| r.to_vec2::<f32>().expect("vec")) {
+            // Every row spreads one unit over all n keys.
+            let mass: f64 = head.iter().map(|&a| a as f64 * n as f64).sum();
+            assert!((mass - n as f64).abs() < 1e-3, "{arch:?}: mass {mass}");
+        }
+        // The last row is at the end already: alone, both readings agree.
+        let (_, last_end) = model
+            .attention_received(&text, n - 1..n, Observers::AtEnd)
+            .expect("stats");
+        let (_, last_in) = model
+            .attention_received(&text, n - 1..n, Observers::InPlace)
+            .expect("stats");
+        for (a, b) in last_end.iter().zip(&last_in) {
+            assert!(max_abs_diff(a, b) < 1e-5, "{arch:?}");
+        }
+        // Moved queries are the queries computed at the target position (layer 0's depend on the
+        // token and its position only).
+        let (_, queries) = model.kv_and_queries(&text).expect("queries");
+        let moved = model
+            .move_queries(&queries[0], n, n as u32 - 1)
+            .expect("move");
+        let (_, q_last) = model
+            .kv_and_queries(&[text[0], text[3]].repeat(n / 2))
+            .expect("queries");
+        // Token text[3] (row 3 of group 0) moved to n - 1, against the same token computed at
+        // n - 1 (odd, so text[3] in the repeated pair).
+        let got = moved.narrow(1, 3, 1).expect("narrow");
+        let want = q_last[0].narrow(1, n - 1, 1).expect("narrow");
+        assert!(max_abs_diff(&got, &want) < 1e-4, "{arch:?}");
     }
 }

@@ -46,7 +46,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::attention::{self, Visibility};
-use crate::attention_received;
+use crate::attention_received::{self, Observers};
 use crate::decode_attention;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
@@ -564,29 +564,36 @@ impl Transformer {
     }
 
     /// Per-layer K/V of `tokens` (positions `0..n-1`, as [`Self::prefix_kv`] without a prefix)
-    /// and, per layer, the attention each key receives from the query rows `observers` of the
-    /// same tokens: `[kv_heads, n]` f32 (see [`attention_received::attention_received`]).
-    /// One forward of all the tokens, so they must fit the model's positions.
+    /// and, per layer, the attention each key receives from the query rows `rows` of the same
+    /// tokens, read as `observers` says (at the end: each query moved to position `n - 1`):
+    /// `[kv_heads, n]` f32 (see [`attention_received::attention_received`]). One forward of all
+    /// the tokens, so they must fit the model's positions.
     pub fn attention_received(
         &self,
         tokens: &[u32],
-        observers: Range<usize>,
+        rows: Range<usize>,
+        observers: Observers,
     ) -> Result<(PrefixKv, Vec<Tensor>)> {
         let n = tokens.len();
-        if observers.is_empty() || observers.end > n {
+        if rows.is_empty() || rows.end > n {
             return Err(Error::Msg(format!(
-                "observer rows {observers:?} outside the {n} tokens"
+                "observer rows {rows:?} outside the {n} tokens"
             )));
         }
         let (kv, queries) = self.kv_and_queries(tokens)?;
         let groups = self.cfg.num_attention_heads / self.cfg.num_kv_heads;
         let mut received = Vec::with_capacity(kv.layers().len());
         for ((k, _), q) in kv.layers().iter().zip(&queries) {
+            let q = match observers {
+                Observers::InPlace => q.clone(),
+                Observers::AtEnd => self.move_queries(q, n, n as u32 - 1)?,
+            };
             received.push(attention_received::attention_received(
-                q,
+                &q,
                 k,
                 groups,
-                observers.clone(),
+                rows.clone(),
+                observers,
             )?);
         }
         Ok((kv, received))
@@ -642,6 +649,22 @@ impl Transformer {
         let back = ops::rope(&x, &cos, &sin.neg()?, Path::Train)?;
         let (cos, sin) = self.rope.gather(&vec![to.to_vec(); kvh])?;
         Ok(ops::rope(&back, &cos, &sin, Path::Train)?.squeeze(1)?)
+    }
+
+    /// Queries `[kv_heads, groups * n, head_dim]` as [`Self::kv_and_queries`] returns them (rows
+    /// ordered (group, token), each at its token's position) moved to position `to`: how the
+    /// same queries would read from there ([`Self::move_keys`]; RoPE rotates queries and keys
+    /// alike).
+    pub fn move_queries(&self, queries: &Tensor, tokens: usize, to: u32) -> Result<Tensor> {
+        let (kvh, rows, _) = queries.dims3()?;
+        if tokens == 0 || rows % tokens != 0 {
+            return Err(Error::Msg(format!(
+                "moving queries {:?}: rows are not groups of {tokens} tokens",
+                queries.dims()
+            )));
+        }
+        let from: Vec<u32> = (0..rows).map(|r| (r % tokens) as u32).collect();
+        self.move_keys(queries, &vec![from; kvh], &vec![to; rows])
     }
 
     /// Per-layer K/V of input embeddings `[n, hidden]` placed after `prefix`. With
