@@ -145,10 +145,7 @@ mod tests {
     fn reference(
         q: &[f32],
         k: &[f32],
-        kvh: usize,
-        g: usize,
-        n: usize,
-        d: usize,
+        (kvh, g, n, d): (usize, usize, usize, usize),
         obs: Range<usize>,
         observers: Observers,
     ) -> Vec<f64> {
@@ -201,7 +198,7 @@ mod tests {
                 let got = attention_received(&q, &k, g, obs.clone(), observers)?
                     .flatten_all()?
                     .to_vec1::<f32>()?;
-                let want = reference(&qv, &kv, kvh, g, n, d, obs.clone(), observers);
+                let want = reference(&qv, &kv, (kvh, g, n, d), obs.clone(), observers);
                 for (j, (a, b)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (*a as f64 - b).abs() < 1e-5,
