@@ -27,15 +27,16 @@ pub enum InitKind {
     /// The KV (or embeddings) of [`SAMPLED_CHUNKS`] windows of the corpus text at seeded random
     /// offsets, concatenated (positions `0..p-1` over the concatenation).
     SampledChunks,
-    /// The `p` keys (and their values) of the whole corpus that its readers attend to most, chosen
-    /// per layer and KV head and moved to positions `0..p-1` in their corpus order (KV-cache
-    /// compression as a starting point; see [`select_corpus_kv`]). Slot 0 keeps the corpus's first
+    /// The `p` keys (and their values) of the whole corpus that a question after it attends to
+    /// most, chosen per layer and KV head and moved to positions `0..p-1` in their corpus order
+    /// (KV-cache compression as a starting point; see [`select_corpus_kv`]). Slot 0 keeps the corpus's first
     /// token, the attention sink. The default: it starts closer to the corpus in context than
     /// [`InitKind::CorpusText`] and stays ahead after training (BENCHMARKS.md, "Training").
     #[default]
     SelectedKeys,
-    /// [`InitKind::SelectedKeys`], with each key's value refitted so that the few keys read what
-    /// the whole corpus read ([`crate::value_fit`]): one more forward over the corpus.
+    /// [`InitKind::SelectedKeys`]' keys at their distances in the corpus, with each key's value
+    /// refitted so that the few keys read what the whole corpus read ([`crate::value_fit`]): one
+    /// more forward over the corpus.
     SelectedFitted,
 }
 
@@ -173,13 +174,16 @@ struct Candidate {
 /// The `p` most-attended corpus keys per layer and KV head, as a cartridge.
 ///
 /// The corpus runs in segments of at most [`SELECT_SEGMENT_TOKENS`]; each key is scored by the
-/// attention the later tokens of its segment pay it, averaged over those tokens
-/// ([`Transformer::attention_received`]), which measures what reading the corpus uses rather than
-/// what its first page says. Slot 0 is the corpus's first token (the attention sink); the other
-/// `p - 1` slots are each head's best keys in corpus order, moved from their segment positions to
-/// `1..p` ([`Transformer::move_keys`]). Heads choose independently: attention is per head, so slot
-/// `j` need not be the same token in every head. The values keep what the whole segment put in
-/// them, which the first `p` tokens alone never see.
+/// attention the segment's queries pay it when moved to the segment's end, where they see every
+/// key, as a question after the corpus would ([`Observers::AtEnd`],
+/// [`Transformer::attention_received`]), averaged over those queries. Slot 0 is the corpus's first
+/// token (the attention sink); the other `p - 1` slots are each head's best keys in corpus order,
+/// moved from their segment positions to `1..p` ([`Transformer::move_keys`]). Heads choose
+/// independently: attention is per head, so slot `j` need not be the same token in every head.
+/// The values keep what the whole segment put in them, which the first `p` tokens alone never
+/// see. (Scoring by the causal read instead, each query where it was: quenmar's answer
+/// log-likelihood -4.830 against -4.637 with the keys' own values, -4.331 against -4.198 fitted;
+/// BENCHMARKS.md.)
 ///
 /// With `fit_values`, the values are refitted ([`crate::value_fit`]) and the keys instead keep
 /// their distances to the end of their segment ([`keep_corpus_distances`]): the fit reproduces

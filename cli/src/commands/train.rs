@@ -41,10 +41,11 @@ pub struct TrainArgs {
     /// Leading cartridge slots kept frozen (the attention sink).
     #[arg(long, default_value_t = TrainConfig::default().frozen_tokens)]
     pub frozen_tokens: usize,
-    /// Initialisation: selected-keys (per layer and head, the keys of the whole corpus that reading
-    /// it attends to most), selected-fitted (the same keys, with values refitted by least squares
-    /// to read what the whole corpus read: one more pass over it), corpus (KV of the corpus's first
-    /// tokens), random-text, random-vectors, sampled-chunks.
+    /// Initialisation: selected-keys (per layer and head, the keys of the whole corpus that a
+    /// question after it attends to most), selected-fitted (the same keys, with values refitted by
+    /// least squares to read what the whole corpus read: one more pass over it; the best untrained
+    /// start for questions), corpus (KV of the corpus's first tokens), random-text,
+    /// random-vectors, sampled-chunks.
     #[arg(long, default_value = "selected-keys", value_parser = ["corpus", "selected-keys", "selected-fitted", "random-text", "random-vectors", "sampled-chunks"])]
     pub init: String,
     /// Loss: distill (teacher top-k) or tokens (next-token prediction, for ablations).
