@@ -29,9 +29,10 @@ pub enum InitKind {
     SampledChunks,
     /// The `p` keys (and their values) of the whole corpus that a question after it attends to
     /// most, chosen per layer and KV head and moved to positions `0..p-1` in their corpus order
-    /// (KV-cache compression as a starting point; see [`select_corpus_kv`]). Slot 0 keeps the corpus's first
-    /// token, the attention sink. The default: it starts closer to the corpus in context than
-    /// [`InitKind::CorpusText`] and stays ahead after training (BENCHMARKS.md, "Training").
+    /// (KV-cache compression as a starting point; see [`select_corpus_kv`]). Slot 0 keeps the
+    /// corpus's first token, the attention sink. The default: it starts closer to the corpus in
+    /// context than [`InitKind::CorpusText`] and stays ahead after training (BENCHMARKS.md,
+    /// "Training").
     #[default]
     SelectedKeys,
     /// [`InitKind::SelectedKeys`]' keys at their distances in the corpus, with each key's value
@@ -225,11 +226,9 @@ pub fn select_corpus_kv(
     let mut layers = Vec::with_capacity(cfg.num_layers);
     // Per layer and KV head, the (segment, position) of each slot's key.
     let mut picks: Vec<Vec<Vec<(usize, usize)>>> = Vec::with_capacity(cfg.num_layers);
-    let to: Vec<u32> = (0..p as u32).collect();
     for li in 0..cfg.num_layers {
         let mut keys = Vec::with_capacity(cfg.num_kv_heads);
         let mut values = Vec::with_capacity(cfg.num_kv_heads);
-        let mut from = Vec::with_capacity(cfg.num_kv_heads);
         let mut slots = Vec::with_capacity(cfg.num_kv_heads);
         for h in 0..cfg.num_kv_heads {
             let mut pool: Vec<Candidate> = segments
@@ -268,13 +267,18 @@ pub fn select_corpus_kv(
             }
             keys.push(Tensor::cat(&ks, 1)?);
             values.push(Tensor::cat(&vs, 1)?);
-            from.push(head_slots.iter().map(|&(_, pos)| pos as u32).collect());
             slots.push(head_slots);
         }
+        let keys = Tensor::cat(&keys, 0)?;
         let k = if fit_values {
-            keep_corpus_distances(model, &Tensor::cat(&keys, 0)?, &slots, &segment_lens, p)?
+            keep_corpus_distances(model, &keys, &slots, &segment_lens, p)?
         } else {
-            model.move_keys(&Tensor::cat(&keys, 0)?, &from, &to)?
+            let from: Vec<Vec<u32>> = slots
+                .iter()
+                .map(|head| head.iter().map(|&(_, pos)| pos as u32).collect())
+                .collect();
+            let to: Vec<u32> = (0..p as u32).collect();
+            model.move_keys(&keys, &from, &to)?
         };
         layers.push((k, Tensor::cat(&values, 0)?));
         picks.push(slots);

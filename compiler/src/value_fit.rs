@@ -10,9 +10,9 @@
 //! values), `(A^T A + lambda I) V_s = A^T O + lambda V_0`.
 //!
 //! The observers are the corpus's own queries, evenly spaced over it (at most [`FIT_ROWS`] rows
-//! per segment, head and kind), of two kinds ([`Observers`], as the key selection reads them): each query where it was, seeing the
-//! keys before it, as when the corpus was read; and each query moved to the end of its segment,
-//! seeing all of it, as a question after the corpus would. Measured on the example corpora's
+//! per segment, head and kind), of two kinds ([`Observers`], as the key selection reads them):
+//! each query where it was, seeing the keys before it, as when the corpus was read; and each query
+//! moved to the end of its segment, seeing all of it, as a question after the corpus would. Measured on the example corpora's
 //! questions (BENCHMARKS.md, "Training"), untrained, share of the bare -> ICL gap in answer
 //! log-likelihood, at most 4,096 rows: quenmar (p = 512) 43% with the keys' own values, 55%
 //! fitted to the first kind, 61% to both; tidewright (p = 224) 21%, 45%, 50%. The second kind
