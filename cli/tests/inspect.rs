@@ -40,6 +40,7 @@ fn write_sample(path: &Path, compression: Compression) {
                 head_dim: 4,
                 tokens: 8,
                 frozen_tokens: 1,
+                biased: false,
             }),
             dtype: DType::F32,
             model,

@@ -73,6 +73,7 @@ fn write_small_cart(path: &Path, model: ModelFingerprint, tokens: u32, base: f32
             head_dim: model.head_dim,
             tokens,
             frozen_tokens: 1,
+            biased: false,
         }),
         dtype: DType::F32,
         model,

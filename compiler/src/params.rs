@@ -19,6 +19,9 @@ pub struct KvParams {
     vars: Vec<(Var, Var)>,
     frozen_tokens: usize,
     tokens: usize,
+    /// The initial cartridge's per-slot logit bias, if it has one: a constant, carried into
+    /// every forward and into the written cartridge, never trained.
+    bias: Option<Vec<Tensor>>,
 }
 
 impl KvParams {
@@ -50,6 +53,7 @@ impl KvParams {
             vars,
             frozen_tokens,
             tokens: p,
+            bias: init.bias().map(<[Tensor]>::to_vec),
         })
     }
 
@@ -69,7 +73,11 @@ impl KvParams {
                 None => Ok((k.as_tensor().clone(), v.as_tensor().clone())),
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(PrefixKv::new(layers)?)
+        let prefix = PrefixKv::new(layers)?;
+        Ok(match &self.bias {
+            Some(bias) => prefix.with_bias(bias.clone())?,
+            None => prefix,
+        })
     }
 
     /// Number of slots `p` (frozen included).

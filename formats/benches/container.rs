@@ -55,6 +55,7 @@ fn write_cart(path: &Path, tokens: u32, compression: Compression) -> u64 {
             head_dim: 64,
             tokens,
             frozen_tokens: 1,
+            biased: false,
         }),
         dtype: DType::F32,
         model: smollm2(),

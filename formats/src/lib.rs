@@ -14,7 +14,7 @@
 //!     num_kv_heads: 1, head_dim: 4, vocab_size: 32, rope_theta: 1e4, rope_scaling: None,
 //!     tokenizer_hash: "sha256:00".into(), weights_hash: "sha256:00".into(),
 //! };
-//! let dims = Dims::Kv(KvDims { layers: 1, kv_heads: 1, head_dim: 4, tokens: 2, frozen_tokens: 1 });
+//! let dims = Dims::Kv(KvDims { layers: 1, kv_heads: 1, head_dim: 4, tokens: 2, frozen_tokens: 1, biased: false });
 //! let k: Vec<f32> = (0..8).map(|i| i as f32).collect();
 //! let v = vec![0.5f32; 8];
 //! let bytes = cart::encode(&cart::CartContents {

@@ -21,6 +21,7 @@ fn dims_strategy() -> impl Strategy<Value = Dims> {
                 head_dim: d * 2,
                 tokens: p,
                 frozen_tokens: f,
+                biased: false,
             })
         )),
         (1u32..40, 1u32..12)

@@ -22,6 +22,7 @@ use rayon::prelude::*;
 
 use crate::cpu_kernel::{mm, slice, softmax, with_values, Elem};
 use crate::error::{Error, Result};
+use crate::prefix::PrefixLayer;
 
 /// Queries per block: the score buffer is `BLOCK x keys`, small enough to stay in cache.
 const BLOCK: usize = 64;
@@ -85,12 +86,13 @@ impl Visibility {
 }
 
 /// Softmax attention of `q: [b, kv_heads, groups * t, d]` (already scaled by `1/sqrt(d)`; rows
-/// ordered (group, token)) over `prefix` (`[kv_heads, P, d]` keys and values shared by the batch)
-/// followed by each sequence's own `k, v: [b, kv_heads, slots, d]`, as `vis` says. Returns
-/// `[b, kv_heads, groups * t, d]`. Differentiable in `q`, the prefix and `k, v`.
+/// ordered (group, token)) over `prefix` (`[kv_heads, P, d]` keys and values shared by the batch,
+/// with its logit bias if any) followed by each sequence's own `k, v: [b, kv_heads, slots, d]`,
+/// as `vis` says. Returns `[b, kv_heads, groups * t, d]`. Differentiable in `q`, the prefix's
+/// keys and values and `k, v` (the bias is a constant).
 pub fn attention(
     q: &Tensor,
-    prefix: Option<(&Tensor, &Tensor)>,
+    prefix: Option<PrefixLayer<'_>>,
     k: &Tensor,
     v: &Tensor,
     vis: &Arc<Visibility>,
@@ -129,12 +131,24 @@ pub fn attention(
             .reshape((kvh, b * slots, d))?)
     };
     let (k_all, v_all, p) = match prefix {
-        Some((kp, vp)) if kp.dim(1)? > 0 => (
+        Some(PrefixLayer { k: kp, v: vp, .. }) if kp.dim(1)? > 0 => (
             Tensor::cat(&[kp, &own(k)?], 1)?.contiguous()?,
             Tensor::cat(&[vp, &own(v)?], 1)?.contiguous()?,
             kp.dim(1)?,
         ),
         _ => (own(k)?, own(v)?, 0),
+    };
+    let bias = match prefix.and_then(|pl| pl.bias) {
+        Some(bias) if p > 0 => {
+            if bias.dims() != [kvh, p] {
+                return Err(Error::Msg(format!(
+                    "fused attention: prefix bias {:?} does not fit {kvh} KV heads of {p} slots",
+                    bias.dims()
+                )));
+            }
+            bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?
+        }
+        _ => Vec::new(),
     };
     let op = FusedAttention {
         dims: Dims {
@@ -147,6 +161,7 @@ pub fn attention(
             slots,
         },
         vis: vis.clone(),
+        bias: Arc::new(bias),
     };
     Ok(q.contiguous()?.apply_op3(&k_all, &v_all, op)?)
 }
@@ -174,6 +189,8 @@ impl Dims {
 struct FusedAttention {
     dims: Dims,
     vis: Arc<Visibility>,
+    /// `[kv_heads, p]` logit bias of the prefix slots, or empty (none).
+    bias: Arc<Vec<f32>>,
 }
 
 /// One block of queries of one (sequence, query head): where its keys are.
@@ -188,6 +205,8 @@ struct Block<'a, T> {
     /// `[p, d]` prefix keys / values of this KV head.
     kp: &'a [T],
     vp: &'a [T],
+    /// `[p]` logit bias of the prefix slots of this KV head, or empty.
+    bias: &'a [f32],
     /// `[slots, d]` this sequence's own keys / values for this KV head.
     ko: &'a [T],
     vo: &'a [T],
@@ -198,6 +217,7 @@ impl<'a, T: Elem> Block<'a, T> {
     fn new(
         dims: &Dims,
         vis: &'a Visibility,
+        bias: &'a [f32],
         q: &'a [T],
         k: &'a [T],
         v: &'a [T],
@@ -219,6 +239,7 @@ impl<'a, T: Elem> Block<'a, T> {
             hi,
             kp: &k[head..head + p * d],
             vp: &v[head..head + p * d],
+            bias: bias.get(kh * p..(kh + 1) * p).unwrap_or(&[]),
             ko: &k[own..own + slots * d],
             vo: &v[own..own + slots * d],
         }
@@ -257,6 +278,9 @@ impl<'a, T: Elem> Block<'a, T> {
         );
         for (row, &(rlo, rhi)) in s.chunks_mut(w).zip(self.ranges) {
             let (pre, own) = row.split_at_mut(p);
+            for (x, &b) in pre.iter_mut().zip(self.bias) {
+                *x += T::from_f64(b as f64);
+            }
             let (a, b) = (rlo as usize - self.lo, rhi as usize - self.lo);
             own[..a].fill(T::zero());
             own[b..].fill(T::zero());
@@ -266,7 +290,14 @@ impl<'a, T: Elem> Block<'a, T> {
     }
 }
 
-fn forward<T: Elem>(dims: &Dims, vis: &Visibility, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+fn forward<T: Elem>(
+    dims: &Dims,
+    vis: &Visibility,
+    bias: &[f32],
+    q: &[T],
+    k: &[T],
+    v: &[T],
+) -> Vec<T> {
     let Dims {
         kvh, g, t, d, p, ..
     } = *dims;
@@ -281,7 +312,7 @@ fn forward<T: Elem>(dims: &Dims, vis: &Visibility, q: &[T], k: &[T], v: &[T]) ->
                 .zip(qs.par_chunks(BLOCK * d))
                 .enumerate()
                 .for_each(|(blk, (ob, qb))| {
-                    let block = Block::new(dims, vis, qb, k, v, bi, kh, blk * BLOCK);
+                    let block = Block::new(dims, vis, bias, qb, k, v, bi, kh, blk * BLOCK);
                     let nb = qb.len() / d;
                     let w = block.width(p);
                     let s = block.probabilities(d, p);
@@ -302,9 +333,11 @@ fn forward<T: Elem>(dims: &Dims, vis: &Visibility, q: &[T], k: &[T], v: &[T]) ->
 }
 
 /// Gradients `(dq, dk, dv)` in the layouts of `q` and of the joined key / value matrices.
+#[allow(clippy::too_many_arguments)]
 fn backward<T: Elem>(
     dims: &Dims,
     vis: &Visibility,
+    bias: &[f32],
     q: &[T],
     k: &[T],
     v: &[T],
@@ -337,7 +370,7 @@ fn backward<T: Elem>(
                 for i0 in (0..t).step_by(BLOCK) {
                     let nb = BLOCK.min(t - i0);
                     let rows = base + (gi * t + i0) * d..base + (gi * t + i0 + nb) * d;
-                    let block = Block::new(dims, vis, &q[rows.clone()], k, v, bi, kh, i0);
+                    let block = Block::new(dims, vis, bias, &q[rows.clone()], k, v, bi, kh, i0);
                     let (lo, span, w) = (block.lo, block.hi - block.lo, block.width(p));
                     let (go, oo) = (&grad[rows.clone()], &out[rows.clone()]);
                     let pr = block.probabilities(d, p);
@@ -450,7 +483,7 @@ impl FusedAttention {
         grad: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (dq, dk, dv) = with_values::<T, _, 5>([q, k, v, res, grad], |[q, k, v, o, g]| {
-            Ok(backward(&self.dims, &self.vis, q, k, v, o, g))
+            Ok(backward(&self.dims, &self.vis, &self.bias, q, k, v, o, g))
         })?;
         Ok((
             Tensor::from_vec(dq, q.shape(), q.device())?,
@@ -486,6 +519,7 @@ impl candle_core::CustomOp3 for FusedAttention {
             CpuStorage::F32(_) => CpuStorage::F32(forward::<f32>(
                 &self.dims,
                 &self.vis,
+                &self.bias,
                 slice(sq, lq)?,
                 slice(sk, lk)?,
                 slice(sv, lv)?,
@@ -493,6 +527,7 @@ impl candle_core::CustomOp3 for FusedAttention {
             CpuStorage::F64(_) => CpuStorage::F64(forward::<f64>(
                 &self.dims,
                 &self.vis,
+                &self.bias,
                 slice(sq, lq)?,
                 slice(sk, lk)?,
                 slice(sv, lv)?,
@@ -525,29 +560,32 @@ mod tests {
     use candle_core::{Device, Var, D};
 
     /// The plain formulation: scores against prefix ++ own keys, an additive mask from the
-    /// ranges, softmax, times V.
+    /// ranges (carrying the prefix's bias `[kv_heads, p]`), softmax, times V.
     fn reference(
         q: &Tensor,
-        kp: &Tensor,
-        vp: &Tensor,
+        (kp, vp, bias): (&Tensor, &Tensor, &[f64]),
         k: &Tensor,
         v: &Tensor,
         vis: &Visibility,
     ) -> candle_core::Result<Tensor> {
-        let (b, _, gt, _) = q.dims4()?;
+        let (b, kvh, gt, _) = q.dims4()?;
         let p = kp.dim(1)?;
         let t = vis.queries;
-        let mut mask = vec![f64::NEG_INFINITY; b * gt * (p + vis.slots)];
+        let w = p + vis.slots;
+        let mut mask = vec![f64::NEG_INFINITY; b * kvh * gt * w];
         for bi in 0..b {
-            for r in 0..gt {
-                let (lo, hi) = vis.ranges[bi * t + r % t];
-                let row = &mut mask[(bi * gt + r) * (p + vis.slots)..][..p + vis.slots];
-                row[..p].fill(0.0);
-                row[p + lo as usize..p + hi as usize].fill(0.0);
+            for h in 0..kvh {
+                for r in 0..gt {
+                    let (lo, hi) = vis.ranges[bi * t + r % t];
+                    let row = &mut mask[((bi * kvh + h) * gt + r) * w..][..w];
+                    for (j, x) in row[..p].iter_mut().enumerate() {
+                        *x = bias.get(h * p + j).copied().unwrap_or(0.0);
+                    }
+                    row[p + lo as usize..p + hi as usize].fill(0.0);
+                }
             }
         }
-        let mask =
-            Tensor::from_vec(mask, (b, 1, gt, p + vis.slots), q.device())?.to_dtype(q.dtype())?;
+        let mask = Tensor::from_vec(mask, (b, kvh, gt, w), q.device())?.to_dtype(q.dtype())?;
         let (kall, vall) = if p == 0 {
             (k.clone(), v.clone())
         } else {
@@ -563,7 +601,9 @@ mod tests {
         pr.matmul(&vall.contiguous()?)
     }
 
-    fn check(vis: Visibility, p: usize, dtype: DType) -> candle_core::Result<()> {
+    /// The fused op against [`reference`], forward and gradients; `biased`: the prefix carries a
+    /// random logit bias.
+    fn check(vis: Visibility, p: usize, dtype: DType, biased: bool) -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let (b, kvh, g, d) = (vis.batch, 2, 3, 8);
         let gt = g * vis.queries;
@@ -575,9 +615,22 @@ mod tests {
         let v = Var::from_tensor(&rnd(&[b, kvh, vis.slots, d])?)?;
         let weights = rnd(&[b, kvh, gt, d])?;
         let vis = Arc::new(vis);
-        let fused =
-            attention(&q, Some((&kp, &vp)), &k, &v, &vis).map_err(candle_core::Error::wrap)?;
-        let plain = reference(&q, &kp, &vp, &k, &v, &vis)?;
+        let bias = if biased {
+            Some((Tensor::randn(0f32, 1.0, (kvh, p), &dev)? * 2.0)?)
+        } else {
+            None
+        };
+        let prefix = PrefixLayer {
+            k: &kp,
+            v: &vp,
+            bias: bias.as_ref(),
+        };
+        let fused = attention(&q, Some(prefix), &k, &v, &vis).map_err(candle_core::Error::wrap)?;
+        let bias: Vec<f64> = match &bias {
+            Some(b) => b.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?,
+            None => Vec::new(),
+        };
+        let plain = reference(&q, (&kp, &vp, &bias), &k, &v, &vis)?;
         let tol = if dtype == DType::F64 { 1e-10 } else { 1e-5 };
         let diff = (&fused - &plain)?
             .abs()?
@@ -608,10 +661,22 @@ mod tests {
     fn matches_the_plain_formulation_causal_with_cache_and_padding() -> candle_core::Result<()> {
         // 3 sequences, 70 new tokens (two blocks) after 5 cached slots, padded 0, 2 and 7 (the
         // last one's first new query is itself padding).
-        check(Visibility::causal(&[0, 2, 7], 5, 70), 4, DType::F64)?;
-        check(Visibility::causal(&[0, 2, 7], 5, 70), 4, DType::F32)?;
+        check(Visibility::causal(&[0, 2, 7], 5, 70), 4, DType::F64, false)?;
+        check(Visibility::causal(&[0, 2, 7], 5, 70), 4, DType::F32, false)?;
         // No prefix at all, one sequence.
-        check(Visibility::causal(&[0], 0, 9), 0, DType::F64)
+        check(Visibility::causal(&[0], 0, 9), 0, DType::F64, false)
+    }
+
+    #[test]
+    fn a_prefix_bias_weighs_its_slots_as_the_plain_formulation_does() -> candle_core::Result<()> {
+        check(Visibility::causal(&[0, 2, 7], 5, 70), 4, DType::F64, true)?;
+        check(Visibility::causal(&[0, 3], 0, 9), 6, DType::F32, true)?;
+        check(
+            Visibility::packed(&[vec![3, 4], vec![7]], 7),
+            5,
+            DType::F64,
+            true,
+        )
     }
 
     #[test]
@@ -635,11 +700,13 @@ mod tests {
             Visibility::packed(&[vec![30, 50, 40], vec![130]], 130),
             6,
             DType::F64,
+            false,
         )?;
         check(
             Visibility::packed(&[vec![30, 50, 40], vec![130]], 130),
             6,
             DType::F32,
+            false,
         )
     }
 }

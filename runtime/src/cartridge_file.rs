@@ -63,13 +63,24 @@ pub fn load_cartridge(path: &Path, model: &ModelFingerprint, device: &Device) ->
             path.display()
         )));
     };
+    // Per layer, in file order: keys, values and, in a biased file, the bias (SPEC.md §2.1).
+    let per_layer = 2 + dims.biased as usize;
     let mut layers = Vec::with_capacity(dims.layers as usize);
+    let mut bias = Vec::new();
     for l in 0..dims.layers as usize {
-        let k = to_tensor(file.tensor(2 * l)?, device)?;
-        let v = to_tensor(file.tensor(2 * l + 1)?, device)?;
+        let k = to_tensor(file.tensor(per_layer * l)?, device)?;
+        let v = to_tensor(file.tensor(per_layer * l + 1)?, device)?;
         layers.push((k, v));
+        if dims.biased {
+            bias.push(to_tensor(file.tensor(per_layer * l + 2)?, device)?);
+        }
     }
-    PrefixKv::new(layers)
+    let kv = PrefixKv::new(layers)?;
+    if dims.biased {
+        kv.with_bias(bias)
+    } else {
+        Ok(kv)
+    }
 }
 
 /// Load a soft prompt for `model` onto `device`.
@@ -93,7 +104,8 @@ fn f32_bytes(t: &Tensor) -> Result<Vec<u8>> {
     Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
-/// Write a KV cartridge (f32) atomically. `frozen_tokens` is recorded for training and inspection.
+/// Write a KV cartridge (f32) atomically, with its logit bias if it has one. `frozen_tokens` is
+/// recorded for training and inspection.
 pub fn save_cartridge(
     path: &Path,
     kv: &PrefixKv,
@@ -113,11 +125,15 @@ pub fn save_cartridge(
         head_dim: d as u32,
         tokens: p as u32,
         frozen_tokens: frozen_tokens as u32,
+        biased: kv.bias().is_some(),
     });
-    let mut bufs = Vec::with_capacity(2 * kv.num_layers());
-    for (k, v) in kv.layers() {
+    let mut bufs = Vec::with_capacity(3 * kv.num_layers());
+    for (l, (k, v)) in kv.layers().iter().enumerate() {
         bufs.push(f32_bytes(k)?);
         bufs.push(f32_bytes(v)?);
+        if let Some(bias) = kv.bias() {
+            bufs.push(f32_bytes(&bias[l])?);
+        }
     }
     let contents = CartContents {
         dims,

@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use crate::cpu_kernel::{mm, softmax, Elem};
 use crate::error::{Error, Result};
+use crate::prefix::PrefixLayer;
 
 /// Sequences per task: their queries share one pass over the prefix's keys and values, and
 /// enough tasks remain to keep the cores busy (a task is one KV head of this many sequences).
@@ -29,13 +30,13 @@ const PARALLEL_WORK: usize = 1 << 20;
 
 /// Softmax attention of one query token per sequence. `q: [b, kv_heads, groups, d]`, already
 /// scaled by `1/sqrt(d)` (the query heads of a KV head adjacent); `prefix`: `[kv_heads, P, d]`
-/// keys and values shared by the batch; `k, v: [b, kv_heads, slots, d]`, the sequences' own
+/// keys and values shared by the batch, with their logit bias if any; `k, v: [b, kv_heads, slots, d]`, the sequences' own
 /// slots (the cache with the new token's K/V appended; a view into a larger buffer is read in
 /// place). Sequence `b` sees the whole prefix and its own slots from `pads[b]` on (left padding,
 /// as [`crate::KvCache`] lays it out). Returns `[b, kv_heads, groups, d]`.
 pub(crate) fn decode_attention(
     q: &Tensor,
-    prefix: Option<(&Tensor, &Tensor)>,
+    prefix: Option<PrefixLayer<'_>>,
     k: &Tensor,
     v: &Tensor,
     pads: &[usize],
@@ -52,10 +53,24 @@ pub(crate) fn decode_attention(
         )));
     }
     let (kp, vp) = match prefix {
-        Some((kp, vp)) if kp.dim(1)? > 0 => (Some(kp.contiguous()?), Some(vp.contiguous()?)),
+        Some(PrefixLayer { k: kp, v: vp, .. }) if kp.dim(1)? > 0 => {
+            (Some(kp.contiguous()?), Some(vp.contiguous()?))
+        }
         _ => (None, None),
     };
     let p = kp.as_ref().map_or(Ok(0), |kp| kp.dim(1))?;
+    let bias = match prefix.and_then(|pl| pl.bias) {
+        Some(bias) if p > 0 => {
+            if bias.dims() != [kvh, p] {
+                return Err(Error::Msg(format!(
+                    "decode attention: prefix bias {:?} does not fit {kvh} KV heads of {p} slots",
+                    bias.dims()
+                )));
+            }
+            bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?
+        }
+        _ => Vec::new(),
+    };
     if let (Some(kp), Some(vp)) = (&kp, &vp) {
         if kp.dims() != [kvh, p, d] || vp.dims() != kp.dims() {
             return Err(Error::Msg(format!(
@@ -76,12 +91,12 @@ pub(crate) fn decode_attention(
     let q = q.contiguous()?;
     let out = match q.dtype() {
         DType::F32 => Tensor::from_vec(
-            run::<f32>(&dims, &ranges, &q, kp.as_ref(), vp.as_ref(), k, v)?,
+            run::<f32>(&dims, &ranges, &q, (kp.as_ref(), vp.as_ref(), &bias), k, v)?,
             (b, kvh, g, d),
             q.device(),
         )?,
         DType::F64 => Tensor::from_vec(
-            run::<f64>(&dims, &ranges, &q, kp.as_ref(), vp.as_ref(), k, v)?,
+            run::<f64>(&dims, &ranges, &q, (kp.as_ref(), vp.as_ref(), &bias), k, v)?,
             (b, kvh, g, d),
             q.device(),
         )?,
@@ -153,8 +168,7 @@ fn run<T: Elem>(
     dims: &Dims,
     ranges: &[(usize, usize)],
     q: &Tensor,
-    kp: Option<&Tensor>,
-    vp: Option<&Tensor>,
+    (kp, vp, bias): (Option<&Tensor>, Option<&Tensor>, &[f32]),
     k: &Tensor,
     v: &Tensor,
 ) -> Result<Vec<T>> {
@@ -174,15 +188,14 @@ fn run<T: Elem>(
         Some((s, l)) => &cpu(s)?[l.start_offset()..],
         None => &[],
     };
-    Ok(kernel(dims, ranges, q, kp, vp, &k, &v))
+    Ok(kernel(dims, ranges, q, (kp, vp, bias), &k, &v))
 }
 
 fn kernel<T: Elem>(
     dims: &Dims,
     ranges: &[(usize, usize)],
     q: &[T],
-    kp: &[T],
-    vp: &[T],
+    (kp, vp, bias): (&[T], &[T], &[f32]),
     k: &Strided<'_, T>,
     v: &Strided<'_, T>,
 ) -> Vec<T> {
@@ -205,6 +218,13 @@ fn kernel<T: Elem>(
         let mut s = vec![T::zero(); rows * w];
         let (kp_h, vp_h) = (&kp[kh * p * d..][..p * d], &vp[kh * p * d..][..p * d]);
         mm((rows, p, d), &mut s, w, false, &qt, (d, 1), kp_h, (1, d));
+        if let Some(bias) = bias.get(kh * p..(kh + 1) * p) {
+            for row in s.chunks_mut(w) {
+                for (x, &b) in row.iter_mut().zip(bias) {
+                    *x += T::from_f64(b as f64);
+                }
+            }
+        }
         for (i, bi) in seqs.clone().enumerate() {
             let keys = k.rows_from(bi, kh, ranges[bi].0);
             for r in i * g..(i + 1) * g {
@@ -276,10 +296,11 @@ mod tests {
     use super::*;
     use candle_core::{Device, D};
 
-    /// The composed reference: softmax over prefix ++ visible own slots, per query head.
+    /// The composed reference: softmax over prefix ++ visible own slots, per query head, the
+    /// prefix's bias added to its scores.
     fn reference(
         q: &Tensor,
-        prefix: Option<(&Tensor, &Tensor)>,
+        prefix: Option<PrefixLayer<'_>>,
         k: &Tensor,
         v: &Tensor,
         pads: &[usize],
@@ -300,14 +321,28 @@ mod tests {
                 };
                 let mut keys = vec![own(k).unwrap()];
                 let mut vals = vec![own(v).unwrap()];
-                if let Some((kp, vp)) = prefix {
-                    keys.insert(0, kp.get(kh).unwrap());
-                    vals.insert(0, vp.get(kh).unwrap());
+                let mut bias = vec![Tensor::zeros(slots - lo, q.dtype(), q.device()).unwrap()];
+                if let Some(pl) = prefix {
+                    keys.insert(0, pl.k.get(kh).unwrap());
+                    vals.insert(0, pl.v.get(kh).unwrap());
+                    let p = pl.k.dim(1).unwrap();
+                    bias.insert(
+                        0,
+                        match pl.bias {
+                            Some(b) => b.get(kh).unwrap().to_dtype(q.dtype()).unwrap(),
+                            None => Tensor::zeros(p, q.dtype(), q.device()).unwrap(),
+                        },
+                    );
                 }
                 let keys = Tensor::cat(&keys, 0).unwrap();
                 let vals = Tensor::cat(&vals, 0).unwrap();
+                let bias = Tensor::cat(&bias, 0).unwrap();
                 let qh = q.get(bi).unwrap().get(kh).unwrap();
-                let s = qh.matmul(&keys.t().unwrap()).unwrap();
+                let s = qh
+                    .matmul(&keys.t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&bias)
+                    .unwrap();
                 let max = s.max_keepdim(D::Minus1).unwrap();
                 let e = s.broadcast_sub(&max).unwrap().exp().unwrap();
                 let pr = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
@@ -319,6 +354,10 @@ mod tests {
             .unwrap()
             .reshape((b, kvh, g, d))
             .unwrap()
+    }
+
+    fn layer<'a>((k, v, bias): (&'a Tensor, &'a Tensor, Option<&'a Tensor>)) -> PrefixLayer<'a> {
+        PrefixLayer { k, v, bias }
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -350,39 +389,29 @@ mod tests {
         let pads: Vec<usize> = (0..b).map(|i| (i * 3) % slots).collect();
         let kp = Tensor::randn(0f64, 1.0, (kvh, 7, d), &dev).unwrap();
         let vp = Tensor::randn(0f64, 1.0, (kvh, 7, d), &dev).unwrap();
-        for prefix in [Some((&kp, &vp)), None] {
-            let got = decode_attention(&q, prefix, &k, &v, &pads).unwrap();
-            let want = reference(&q, prefix, &k, &v, &pads);
+        let bias = Tensor::randn(0f32, 2.0, (kvh, 7), &dev).unwrap();
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let (kp32, vp32) = (f32s(&kp), f32s(&vp));
+        for (name, prefix, prefix32) in [
+            ("prefix", Some((&kp, &vp, None)), Some((&kp32, &vp32, None))),
+            (
+                "biased prefix",
+                Some((&kp, &vp, Some(&bias))),
+                Some((&kp32, &vp32, Some(&bias))),
+            ),
+            ("no prefix", None, None),
+        ] {
+            let got = decode_attention(&q, prefix.map(layer), &k, &v, &pads).unwrap();
+            let want = reference(&q, prefix.map(layer), &k, &v, &pads);
             let diff = max_diff(&got, &want);
-            assert!(
-                diff < 1e-12,
-                "prefix {}: max diff {diff:e}",
-                prefix.is_some()
-            );
-            let got32 = decode_attention(
-                &q.to_dtype(DType::F32).unwrap(),
-                prefix
-                    .map(|(a, b)| {
-                        (
-                            a.to_dtype(DType::F32).unwrap(),
-                            b.to_dtype(DType::F32).unwrap(),
-                        )
-                    })
-                    .as_ref()
-                    .map(|(a, b)| (a, b)),
-                &k.to_dtype(DType::F32).unwrap(),
-                &v.to_dtype(DType::F32).unwrap(),
-                &pads,
-            )
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
+            assert!(diff < 1e-12, "{name}: max diff {diff:e}");
+            let got32 =
+                decode_attention(&f32s(&q), prefix32.map(layer), &f32s(&k), &f32s(&v), &pads)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap();
             let diff = max_diff(&got32, &want);
-            assert!(
-                diff < 1e-5,
-                "f32, prefix {}: max diff {diff:e}",
-                prefix.is_some()
-            );
+            assert!(diff < 1e-5, "f32, {name}: max diff {diff:e}");
         }
     }
 
@@ -405,8 +434,13 @@ mod tests {
         let kp = Tensor::randn(0f64, 1.0, (kvh, 5, d), &dev).unwrap();
         let vp = Tensor::randn(0f64, 1.0, (kvh, 5, d), &dev).unwrap();
         let pads = [0; 3];
-        let got = decode_attention(&q, Some((&kp, &vp)), &k, &v, &pads).unwrap();
-        let want = reference(&q, Some((&kp, &vp)), &k, &v, &pads);
+        let prefix = PrefixLayer {
+            k: &kp,
+            v: &vp,
+            bias: None,
+        };
+        let got = decode_attention(&q, Some(prefix), &k, &v, &pads).unwrap();
+        let want = reference(&q, Some(prefix), &k, &v, &pads);
         assert!(max_diff(&got, &want) < 1e-12);
     }
 
@@ -419,7 +453,21 @@ mod tests {
         assert!(decode_attention(&q, None, &k, &short, &[0, 0]).is_err());
         assert!(decode_attention(&q, None, &k, &k, &[0]).is_err());
         let kp = Tensor::zeros((2, 4, 8), DType::F32, &dev).unwrap();
-        assert!(decode_attention(&q, Some((&kp, &kp)), &k, &k, &[0, 0]).is_err());
+        let prefix = PrefixLayer {
+            k: &kp,
+            v: &kp,
+            bias: None,
+        };
+        assert!(decode_attention(&q, Some(prefix), &k, &k, &[0, 0]).is_err());
+        // A bias of the wrong shape too.
+        let kp = Tensor::zeros((3, 4, 8), DType::F32, &dev).unwrap();
+        let bias = Tensor::zeros((3, 5), DType::F32, &dev).unwrap();
+        let prefix = PrefixLayer {
+            k: &kp,
+            v: &kp,
+            bias: Some(&bias),
+        };
+        assert!(decode_attention(&q, Some(prefix), &k, &k, &[0, 0]).is_err());
         // A transposed cache (slots not rows of d) is refused, not misread.
         let kt = Tensor::zeros((2, 3, 8, 5), DType::F32, &dev)
             .unwrap()

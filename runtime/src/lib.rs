@@ -37,5 +37,5 @@ pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use models::{Logits, Transformer};
 pub use ops::Path;
-pub use prefix::{Composition, PrefixKv, PrefixStack};
+pub use prefix::{Composition, PrefixKv, PrefixLayer, PrefixStack};
 pub use small_matmul::LinearProducts;

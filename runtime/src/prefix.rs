@@ -32,13 +32,30 @@ use crate::error::{Error, Result};
 use crate::models::Transformer;
 use crate::ops::Path;
 
-/// Per-layer keys (post-RoPE) and values of `p` prefix slots, each `[num_kv_heads, p, head_dim]`.
+/// Per-layer keys (post-RoPE) and values of `p` prefix slots, each `[num_kv_heads, p, head_dim]`,
+/// and optionally a per-slot attention logit bias `[num_kv_heads, p]` (f32) per layer.
 ///
-/// This is what a cartridge is at run time; the tensors may be candle `Var`s (training).
+/// This is what a cartridge is at run time; the tensors may be candle `Var`s (training). The bias
+/// (attention matching, Zweiger et al. 2026, "Fast KV Compaction via Attention Matching") is
+/// added to every query's score for that slot: a slot with bias `b` weighs as `e^b` copies of its
+/// key would, so a few keys can carry the attention mass of the many they stand for. It is a
+/// constant, never trained.
 #[derive(Debug, Clone)]
 pub struct PrefixKv {
     layers: Vec<(Tensor, Tensor)>,
     len: usize,
+    bias: Option<Vec<Tensor>>,
+}
+
+/// One layer of a prefix as attention reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefixLayer<'a> {
+    /// Keys `[num_kv_heads, p, head_dim]`, post-RoPE.
+    pub k: &'a Tensor,
+    /// Values, same shape.
+    pub v: &'a Tensor,
+    /// Logit bias per slot `[num_kv_heads, p]`, f32, if any.
+    pub bias: Option<&'a Tensor>,
 }
 
 impl PrefixKv {
@@ -57,7 +74,89 @@ impl PrefixKv {
                 )));
             }
         }
-        Ok(Self { layers, len })
+        Ok(Self {
+            layers,
+            len,
+            bias: None,
+        })
+    }
+
+    /// The same prefix with a logit bias per layer, each `[num_kv_heads, p]` (stored as f32, on
+    /// the keys' device).
+    pub fn with_bias(mut self, bias: Vec<Tensor>) -> Result<Self> {
+        if bias.len() != self.layers.len() {
+            return Err(Error::Msg(format!(
+                "prefix bias for {} layers, the prefix has {}",
+                bias.len(),
+                self.layers.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(bias.len());
+        for (i, (b, (k, _))) in bias.iter().zip(&self.layers).enumerate() {
+            let (h, len, _) = k.dims3()?;
+            if b.dims() != [h, len] {
+                return Err(Error::Msg(format!(
+                    "prefix layer {i}: bias {:?} must be [{h}, {len}]",
+                    b.dims()
+                )));
+            }
+            out.push(b.to_dtype(candle_core::DType::F32)?.to_device(k.device())?);
+        }
+        self.bias = Some(out);
+        Ok(self)
+    }
+
+    /// The per-layer logit bias, if the prefix has one.
+    pub fn bias(&self) -> Option<&[Tensor]> {
+        self.bias.as_deref()
+    }
+
+    /// The same keys and values without a bias (bias 0 everywhere).
+    pub fn without_bias(mut self) -> Self {
+        self.bias = None;
+        self
+    }
+
+    /// The bias of every layer, zeros where the prefix has none.
+    fn bias_or_zeros(&self) -> Result<Vec<Tensor>> {
+        match &self.bias {
+            Some(b) => Ok(b.clone()),
+            None => self
+                .layers
+                .iter()
+                .map(|(k, _)| {
+                    let (h, len, _) = k.dims3()?;
+                    Ok(Tensor::zeros(
+                        (h, len),
+                        candle_core::DType::F32,
+                        k.device(),
+                    )?)
+                })
+                .collect(),
+        }
+    }
+
+    /// Layer `i` as attention reads it: keys, values and bias.
+    pub fn attention_layer(&self, i: usize) -> Option<PrefixLayer<'_>> {
+        self.layers.get(i).map(|(k, v)| PrefixLayer {
+            k,
+            v,
+            bias: self.bias.as_ref().map(|b| &b[i]),
+        })
+    }
+
+    /// Applies `f` to every layer's `(k, v)`, keeping the bias (moved to the keys' device).
+    fn map_layers(&self, f: impl Fn(&Tensor, &Tensor) -> Result<(Tensor, Tensor)>) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| f(k, v))
+            .collect::<Result<Vec<_>>>()?;
+        let out = PrefixKv::new(layers)?;
+        match &self.bias {
+            Some(b) => out.with_bias(b.clone()),
+            None => Ok(out),
+        }
     }
 
     /// Number of prefix slots `p`.
@@ -110,27 +209,33 @@ impl PrefixKv {
                 Tensor::cat(&vs, 1)?.contiguous()?,
             ));
         }
-        PrefixKv::new(layers)
+        let out = PrefixKv::new(layers)?;
+        if parts.iter().all(|p| p.bias.is_none()) {
+            return Ok(out);
+        }
+        // A part without a bias has bias 0: its slots weigh as they always did.
+        let biases = parts
+            .iter()
+            .map(|p| p.bias_or_zeros())
+            .collect::<Result<Vec<_>>>()?;
+        let bias = (0..n)
+            .map(|i| {
+                let bs: Vec<&Tensor> = biases.iter().map(|b| &b[i]).collect();
+                Ok(Tensor::cat(&bs, 1)?.contiguous()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out.with_bias(bias)
     }
 
     /// The same prefix in another dtype (e.g. an f32 cartridge for a bf16 model).
+    /// The bias stays f32.
     pub fn to_dtype(&self, dtype: candle_core::DType) -> Result<PrefixKv> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|(k, v)| Ok((k.to_dtype(dtype)?, v.to_dtype(dtype)?)))
-            .collect::<Result<Vec<_>>>()?;
-        PrefixKv::new(layers)
+        self.map_layers(|k, v| Ok((k.to_dtype(dtype)?, v.to_dtype(dtype)?)))
     }
 
     /// The same prefix on another device (a copy).
     pub fn to_device(&self, device: &candle_core::Device) -> Result<PrefixKv> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|(k, v)| Ok((k.to_device(device)?, v.to_device(device)?)))
-            .collect::<Result<Vec<_>>>()?;
-        PrefixKv::new(layers)
+        self.map_layers(|k, v| Ok((k.to_device(device)?, v.to_device(device)?)))
     }
 
     /// Slots `start..start + len` of every layer.
@@ -140,7 +245,15 @@ impl PrefixKv {
             .iter()
             .map(|(k, v)| Ok((k.narrow(1, start, len)?, v.narrow(1, start, len)?)))
             .collect::<Result<Vec<_>>>()?;
-        PrefixKv::new(layers)
+        let out = PrefixKv::new(layers)?;
+        match &self.bias {
+            Some(b) => out.with_bias(
+                b.iter()
+                    .map(|b| Ok(b.narrow(1, start, len)?))
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            None => Ok(out),
+        }
     }
 
     /// Check this prefix fits a model with these shapes.
@@ -326,12 +439,7 @@ fn follow(model: &Transformer, parts: &[PrefixKv]) -> Result<PrefixKv> {
         let kv_heads = body.layers[0].0.dim(0)?;
         let from = vec![(1..=n as u32).collect::<Vec<_>>(); kv_heads];
         let to: Vec<u32> = (next..next + n as u32).collect();
-        let layers = body
-            .layers
-            .iter()
-            .map(|(k, v)| Ok((model.move_keys(k, &from, &to)?, v.clone())))
-            .collect::<Result<Vec<_>>>()?;
-        placed.push(PrefixKv::new(layers)?);
+        placed.push(body.map_layers(|k, v| Ok((model.move_keys(k, &from, &to)?, v.clone())))?);
         next += n as u32;
     }
     PrefixKv::concat(&placed.iter().collect::<Vec<_>>())

@@ -113,6 +113,7 @@ fn kv_dims(p: u32, frozen: u32) -> Dims {
         head_dim: 8,
         tokens: p,
         frozen_tokens: frozen,
+        biased: false,
     })
 }
 

@@ -174,7 +174,8 @@ fn a_well_formed_hand_made_archive_imports_exactly() {
             kv_heads: 1,
             head_dim: 2,
             tokens: 3,
-            frozen_tokens: 1
+            frozen_tokens: 1,
+            biased: false,
         })
     );
     assert_eq!(imported.dtype, DType::F32);

@@ -121,10 +121,15 @@ pub fn compose(parts: &[ComposePart<'_>], created: &str) -> Result<Composed> {
     let tokens = u32::try_from(tokens).map_err(|_| {
         CartError::InvalidDims(format!("composed length {tokens} does not fit in 32 bits"))
     })?;
+    // A part without a logit bias has bias 0 on its slots: if any part has one, the result does.
+    let biased = parts
+        .iter()
+        .any(|p| matches!(p.header.dims, Dims::Kv(d) if d.biased));
     let dims = match first.header.dims {
         Dims::Kv(d) => Dims::Kv(KvDims {
             tokens,
             frozen_tokens: d.frozen_tokens,
+            biased,
             ..d
         }),
         Dims::SoftPrompt(d) => Dims::SoftPrompt(SoftPromptDims { tokens, ..d }),
@@ -135,8 +140,10 @@ pub fn compose(parts: &[ComposePart<'_>], created: &str) -> Result<Composed> {
     } else {
         DType::F32
     };
-    let tensors = (0..first.header.tensors.len())
-        .map(|index| concat_tensor(parts, index, dtype))
+    let tensors = dims
+        .expected_tensors()
+        .iter()
+        .map(|(name, _)| concat_tensor(parts, name, dtype))
         .collect::<Result<Vec<_>>>()?;
     Ok(Composed {
         dims,
@@ -180,20 +187,32 @@ pub fn compose_files(paths: &[&Path], created: &str) -> Result<Composed> {
     compose(&parts, created)
 }
 
-/// Tensor `index` of every part, joined along the token axis, as `dtype` bytes.
+/// Tensor `name` of every part, joined along the token axis, as `dtype` bytes.
 ///
-/// KV tensors are `[heads, tokens, head_dim]` (token axis 1): for each head, the parts' rows follow
-/// one another. Soft-prompt embeddings are `[tokens, hidden]` (token axis 0): plain concatenation.
-fn concat_tensor(parts: &[ComposePart<'_>], index: usize, dtype: DType) -> Result<Vec<u8>> {
+/// KV tensors are `[heads, tokens, head_dim]` and biases `[heads, tokens]` (token axis 1): for
+/// each head, the parts' rows follow one another. A part without a bias contributes zeros.
+/// Soft-prompt embeddings are `[tokens, hidden]` (token axis 0): plain concatenation.
+fn concat_tensor(parts: &[ComposePart<'_>], name: &str, dtype: DType) -> Result<Vec<u8>> {
     let mut blocks = Vec::with_capacity(parts.len());
     let mut heads = 1usize;
     let mut total = 0usize;
     for part in parts {
-        let entry = part
-            .header
-            .tensors
-            .get(index)
-            .ok_or_else(|| CartError::NoSuchTensor(format!("#{index} of {}", part.label)))?;
+        heads = match part.header.dims {
+            Dims::Kv(d) => d.kv_heads as usize,
+            Dims::SoftPrompt(_) => 1,
+        };
+        let Some(entry) = part.header.tensors.iter().find(|t| t.name == name) else {
+            match part.header.dims {
+                // Zero is all-zero bytes in every dtype.
+                Dims::Kv(d) if name.starts_with("bias.") && !d.biased => {
+                    let zeros = vec![0u8; heads * d.tokens as usize * dtype.size() as usize];
+                    total += zeros.len();
+                    blocks.push(zeros);
+                    continue;
+                }
+                _ => return Err(CartError::NoSuchTensor(format!("{name} of {}", part.label))),
+            }
+        };
         let bytes = tensor_bytes(entry, part.raw)?;
         let bytes = if part.header.dtype == dtype {
             bytes.to_vec()
@@ -208,10 +227,6 @@ fn concat_tensor(parts: &[ComposePart<'_>], index: usize, dtype: DType) -> Resul
                 .flat_map(|v| v.to_le_bytes())
                 .collect()
         };
-        heads = match part.header.dims {
-            Dims::Kv(d) => d.kv_heads as usize,
-            Dims::SoftPrompt(_) => 1,
-        };
         total += bytes.len();
         blocks.push(bytes);
     }
@@ -222,7 +237,7 @@ fn concat_tensor(parts: &[ComposePart<'_>], index: usize, dtype: DType) -> Resul
             let row = block.len() / heads;
             let slice = block.get(h * row..(h + 1) * row).ok_or_else(|| {
                 CartError::InvalidInput(format!(
-                    "{}: tensor #{index} is not {heads} equal rows",
+                    "{}: tensor {name} is not {heads} equal rows",
                     part.label
                 ))
             })?;
@@ -321,8 +336,9 @@ mod tests {
         }
     }
 
-    /// A KV file whose element (layer l, k/v, head h, token t, dim d) is a readable number.
-    fn kv_file(tag: f32, tokens: u32, frozen: u32, dtype: DType) -> Vec<u8> {
+    /// A KV file whose element (layer l, k/v, head h, token t, dim d) is a readable number; with
+    /// `biased`, bias (l, h, t) is `tag + 100 l + 10 h + t`.
+    fn kv_file(tag: f32, tokens: u32, frozen: u32, dtype: DType, biased: bool) -> Vec<u8> {
         let m = model();
         let dims = Dims::Kv(KvDims {
             layers: m.num_layers,
@@ -330,7 +346,13 @@ mod tests {
             head_dim: m.head_dim,
             tokens,
             frozen_tokens: frozen,
+            biased,
         });
+        let put = |b: &mut Vec<u8>, v: f32| match dtype {
+            DType::F32 => b.extend(v.to_le_bytes()),
+            DType::F16 => b.extend(half::f16::from_f32(v).to_le_bytes()),
+            DType::Bf16 => b.extend(half::bf16::from_f32(v).to_le_bytes()),
+        };
         let mut bufs = Vec::new();
         for l in 0..m.num_layers {
             for kv in 0..2 {
@@ -340,12 +362,17 @@ mod tests {
                         for d in 0..m.head_dim {
                             let v =
                                 tag + (l * 1000 + kv * 100 + h * 10 + t) as f32 + d as f32 / 8.0;
-                            match dtype {
-                                DType::F32 => b.extend(v.to_le_bytes()),
-                                DType::F16 => b.extend(half::f16::from_f32(v).to_le_bytes()),
-                                DType::Bf16 => b.extend(half::bf16::from_f32(v).to_le_bytes()),
-                            }
+                            put(&mut b, v);
                         }
+                    }
+                }
+                bufs.push(b);
+            }
+            if biased {
+                let mut b = Vec::new();
+                for h in 0..m.num_kv_heads {
+                    for t in 0..tokens {
+                        put(&mut b, tag + (l * 100 + h * 10 + t) as f32);
                     }
                 }
                 bufs.push(b);
@@ -375,8 +402,8 @@ mod tests {
     #[test]
     fn kv_parts_are_joined_per_head_along_the_token_axis() {
         let (a, b) = (
-            kv_file(0.0, 2, 1, DType::F32),
-            kv_file(0.5, 3, 1, DType::F32),
+            kv_file(0.0, 2, 1, DType::F32, false),
+            kv_file(0.5, 3, 1, DType::F32, false),
         );
         let (va, vb) = (parse(&a).expect("a"), parse(&b).expect("b"));
         let parts = [
@@ -411,10 +438,45 @@ mod tests {
     }
 
     #[test]
+    fn a_part_without_a_bias_contributes_zeros_to_the_composed_bias() {
+        let (a, b) = (
+            kv_file(0.0, 2, 1, DType::F32, false),
+            kv_file(0.5, 3, 1, DType::F32, true),
+        );
+        let (va, vb) = (parse(&a).expect("a"), parse(&b).expect("b"));
+        let pa = ComposePart {
+            label: "a",
+            header: &va.header,
+            raw: va.stored,
+        };
+        let pb = ComposePart {
+            label: "b",
+            header: &vb.header,
+            raw: vb.stored,
+        };
+        let c = compose(&[pa, pb], "").expect("compose");
+        let Dims::Kv(d) = c.dims else {
+            panic!("kv expected")
+        };
+        assert!(d.biased);
+        // Per layer: keys, values, bias. bias.1, head 1: a's two zeros, then b's three.
+        assert_eq!(c.tensors.len(), 6);
+        assert_eq!(f32s(&c.tensors[5])[5..], [0.0, 0.0, 110.5, 111.5, 112.5]);
+        // The keys still line up (the unbiased part's tensors are found by name).
+        assert_eq!(f32s(&c.tensors[3])[(5 + 2) * 3], 1010.5);
+        let bytes = encode(&c.contents(), Compression::None).expect("encode");
+        parse(&bytes).expect("parse").verify().expect("verify");
+        // Two unbiased parts stay unbiased.
+        let plain = compose(&[pa, pa], "").expect("compose");
+        assert!(matches!(plain.dims, Dims::Kv(d) if !d.biased));
+        assert_eq!(plain.tensors.len(), 4);
+    }
+
+    #[test]
     fn mixed_dtypes_widen_to_f32_and_equal_dtypes_stay() {
         let (a, b) = (
-            kv_file(0.0, 2, 1, DType::F16),
-            kv_file(0.0, 1, 1, DType::Bf16),
+            kv_file(0.0, 2, 1, DType::F16, false),
+            kv_file(0.0, 1, 1, DType::Bf16, false),
         );
         let (va, vb) = (parse(&a).expect("a"), parse(&b).expect("b"));
         let pa = ComposePart {
@@ -435,7 +497,7 @@ mod tests {
 
     #[test]
     fn other_model_and_kind_are_refused_naming_both_parts() {
-        let a = kv_file(0.0, 2, 1, DType::F32);
+        let a = kv_file(0.0, 2, 1, DType::F32, false);
         let va = parse(&a).expect("a");
         let mut other = va.header.clone();
         other.model.weights_hash = "sha256:ff".into();

@@ -84,6 +84,10 @@ pub struct KvDims {
     pub tokens: u32,
     /// Leading tokens kept frozen in training (the attention sink).
     pub frozen_tokens: u32,
+    /// Whether each layer carries a logit bias per slot, `bias.{l}` of `[kv_heads, tokens]`
+    /// (SPEC.md §2.1). Absent from the header when false, so unbiased files keep their bytes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub biased: bool,
 }
 
 /// Dimensions of a soft prompt.
@@ -127,12 +131,17 @@ impl Dims {
         match self {
             Dims::Kv(d) => {
                 let shape = vec![d.kv_heads as u64, d.tokens as u64, d.head_dim as u64];
+                let bias = vec![d.kv_heads as u64, d.tokens as u64];
                 (0..d.layers)
                     .flat_map(|l| {
-                        [
+                        let mut layer = vec![
                             (format!("keys.{l}"), shape.clone()),
                             (format!("values.{l}"), shape.clone()),
-                        ]
+                        ];
+                        if d.biased {
+                            layer.push((format!("bias.{l}"), bias.clone()));
+                        }
+                        layer
                     })
                     .collect()
             }
@@ -166,7 +175,7 @@ impl Dims {
                         d.frozen_tokens, d.tokens
                     )));
                 }
-                let n = 2u64 * d.layers as u64;
+                let n = (2 + d.biased as u64) * d.layers as u64;
                 if n > MAX_TENSORS as u64 {
                     return Err(CartError::LimitExceeded {
                         what: format!("tensor count {n}"),

@@ -42,6 +42,7 @@ pub fn kv_values() -> (KvDims, Vec<Vec<f32>>) {
         head_dim: 4,
         tokens: 5,
         frozen_tokens: 1,
+        biased: false,
     };
     let n = 2 * 5 * 4;
     let tensors = (0..6)

@@ -63,6 +63,16 @@ pub fn export(header: &Header, raw: &[u8], dir: &Path, base_model: Option<&str>)
     };
     let model = &header.model;
     let (config, shape, data) = match header.dims {
+        // PEFT's cartridge adapter is keys and values only: dropping the bias would change
+        // every read of the cartridge, so it is refused rather than exported wrong.
+        Dims::Kv(d) if d.biased => {
+            return Err(CartError::InvalidInput(
+                "this cartridge carries a per-slot attention bias, which a PEFT cartridge \
+                 adapter cannot hold; serve it with cartridge, or build one without the bias"
+                    .into(),
+            )
+            .into())
+        }
         Dims::Kv(d) => {
             let (layers, heads, dim, p) = (
                 d.layers as usize,
@@ -404,6 +414,7 @@ pub fn import(path: &Path, model: &ModelFingerprint) -> Result<ImportedPrefix> {
                     head_dim: model.head_dim,
                     tokens: p as u32,
                     frozen_tokens: frozen as u32,
+                    biased: false,
                 }),
                 dtype,
                 tensors,

@@ -508,6 +508,7 @@ pub fn import(path: &Path, model: &ModelFingerprint) -> Result<ImportedPrefix> {
             head_dim: model.head_dim,
             tokens,
             frozen_tokens: frozen as u32,
+            biased: false,
         }),
         dtype,
         tensors,

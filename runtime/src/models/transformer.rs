@@ -52,7 +52,7 @@ use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::models::config::{Architecture, ModelConfig};
 use crate::ops::{self, Path, RopeScaling, RopeTables};
-use crate::prefix::PrefixKv;
+use crate::prefix::{PrefixKv, PrefixLayer};
 use crate::small_matmul;
 
 /// How a forward's attention knows what each query may see.
@@ -802,7 +802,7 @@ impl Transformer {
         let n_layers = self.layers.len();
         for (li, layer) in self.layers.iter().enumerate() {
             let h = ops::rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps, path)?;
-            let pl = prefix.and_then(|p| p.layer(li));
+            let pl = prefix.and_then(|p| p.attention_layer(li));
             let (attn, k, v, q) = self.attention(
                 layer,
                 &h,
@@ -913,7 +913,7 @@ impl Transformer {
         &self,
         layer: &Layer,
         x: &Tensor,
-        prefix: Option<(&Tensor, &Tensor)>,
+        prefix: Option<PrefixLayer<'_>>,
         cache: Option<(&mut KvCache, usize)>,
         (cos, sin): (&Tensor, &Tensor),
         masking: &Masking,
@@ -980,7 +980,7 @@ impl Transformer {
         // Prefix scores in a [kv, b, g*t, P] layout: one 3-D matmul per KV head against the
         // shared [kv, P, d] prefix, whatever the batch size.
         let sp = match prefix {
-            Some((kp, _)) => {
+            Some(PrefixLayer { k: kp, bias, .. }) => {
                 let pl = kp.dim(1)?;
                 let qp = qg
                     .transpose(0, 1)?
@@ -990,6 +990,12 @@ impl Transformer {
                     .matmul(&kp.t()?)?
                     .to_dtype(acc)?
                     .reshape((kvh, b, g * t, pl))?;
+                let sp = match bias {
+                    Some(bias) => {
+                        sp.broadcast_add(&bias.to_dtype(acc)?.reshape((kvh, 1, 1, pl))?)?
+                    }
+                    None => sp,
+                };
                 max = max.maximum(&sp.max_keepdim(D::Minus1)?.transpose(0, 1)?)?;
                 Some(sp)
             }
@@ -1004,7 +1010,7 @@ impl Transformer {
         let ec = sc.broadcast_sub(&max)?.exp()?;
         let mut num = ec.to_dtype(dt)?.matmul(&vc)?.to_dtype(acc)?;
         let mut den = ec.sum_keepdim(D::Minus1)?;
-        if let (Some(sp), Some((_, vp))) = (sp, prefix) {
+        if let (Some(sp), Some(PrefixLayer { v: vp, .. })) = (sp, prefix) {
             let pl = vp.dim(1)?;
             let ep = sp.broadcast_sub(&max.transpose(0, 1)?)?.exp()?;
             let np = ep
