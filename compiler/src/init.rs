@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::key_fit::Observed;
 use crate::value_fit::{NormalEquations, RIDGE};
 
 /// How the parameters start.
@@ -39,6 +40,9 @@ pub enum InitKind {
     /// refitted so that the few keys read what the whole corpus read ([`crate::value_fit`]): one
     /// more forward over the corpus.
     SelectedFitted,
+    /// [`InitKind::SelectedFitted`] with the keys then refined by gradient descent against the
+    /// value fit's observers, the fitted values held ([`crate::key_fit`]).
+    SelectedRefined,
 }
 
 /// Windows drawn by [`InitKind::SampledChunks`].
@@ -141,11 +145,16 @@ pub fn init_kv(
         InitKind::SampledChunks => {
             Ok(model.prefix_kv(None, &sampled_ids(&mut rng, corpus_ids, p, "a cartridge")?)?)
         }
-        InitKind::SelectedKeys | InitKind::SelectedFitted => {
+        InitKind::SelectedKeys | InitKind::SelectedFitted | InitKind::SelectedRefined => {
             let ids = corpus_ids.ok_or_else(|| {
                 Error::Config("selected-keys initialisation needs the corpus token ids".into())
             })?;
-            select_corpus_kv(model, p, ids, kind == InitKind::SelectedFitted)
+            let fit = match kind {
+                InitKind::SelectedFitted => Fit::Values,
+                InitKind::SelectedRefined => Fit::Refined,
+                _ => Fit::None,
+            };
+            select_corpus_kv(model, p, ids, fit)
         }
         InitKind::RandomVectors => {
             let probe = model.prefix_kv(None, &random_ids(&mut rng, SCALE_PROBE_TOKENS, vocab))?;
@@ -162,6 +171,17 @@ pub fn init_kv(
             Ok(PrefixKv::new(layers)?)
         }
     }
+}
+
+/// What [`select_corpus_kv`] fits to the selected keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// Nothing: each key keeps its own value.
+    None,
+    /// The values ([`InitKind::SelectedFitted`]).
+    Values,
+    /// The values, then the keys by gradient descent ([`InitKind::SelectedRefined`]).
+    Refined,
 }
 
 /// A key of the corpus: its attention score, its segment and its position there.
@@ -186,7 +206,7 @@ struct Candidate {
 /// log-likelihood -4.830 against -4.637 with the keys' own values, -4.331 against -4.198 fitted;
 /// BENCHMARKS.md.)
 ///
-/// With `fit_values`, the values are refitted ([`crate::value_fit`]) and the keys instead keep
+/// With a [`Fit`], the values are refitted ([`crate::value_fit`]) and the keys instead keep
 /// their distances to the end of their segment ([`keep_corpus_distances`]): the fit reproduces
 /// the reads of queries at the corpus's own distances, and the cartridge serves it best at those.
 /// (Measured on quenmar's questions: -4.562 against -4.631 with the keys at `1..p`. Without the
@@ -198,7 +218,7 @@ pub fn select_corpus_kv(
     model: &Transformer,
     p: usize,
     corpus: &[u32],
-    fit_values: bool,
+    fit: Fit,
 ) -> Result<PrefixKv> {
     if corpus.len() < p {
         return Err(Error::Config(format!(
@@ -226,6 +246,8 @@ pub fn select_corpus_kv(
     let mut layers = Vec::with_capacity(cfg.num_layers);
     // Per layer and KV head, the (segment, position) of each slot's key.
     let mut picks: Vec<Vec<Vec<(usize, usize)>>> = Vec::with_capacity(cfg.num_layers);
+    // Per layer, the selected keys where they were computed (only for [`Fit::Refined`]).
+    let mut frame_keys = Vec::new();
     for li in 0..cfg.num_layers {
         let mut keys = Vec::with_capacity(cfg.num_kv_heads);
         let mut values = Vec::with_capacity(cfg.num_kv_heads);
@@ -270,7 +292,10 @@ pub fn select_corpus_kv(
             slots.push(head_slots);
         }
         let keys = Tensor::cat(&keys, 0)?;
-        let k = if fit_values {
+        if fit == Fit::Refined {
+            frame_keys.push(keys.clone());
+        }
+        let k = if fit != Fit::None {
             keep_corpus_distances(model, &keys, &slots, &segment_lens, p)?
         } else {
             let from: Vec<Vec<u32>> = slots
@@ -283,8 +308,34 @@ pub fn select_corpus_kv(
         layers.push((k, Tensor::cat(&values, 0)?));
         picks.push(slots);
     }
-    if fit_values {
-        refit_values(model, &chosen_segments, &picks, &mut layers)?;
+    match fit {
+        Fit::None => {}
+        Fit::Values => refit_values(model, &chosen_segments, &picks, &mut layers, None)?,
+        Fit::Refined => {
+            let cfg = model.config();
+            let mut observed: Vec<Vec<Observed>> = (0..cfg.num_layers)
+                .map(|_| (0..cfg.num_kv_heads).map(|_| Observed::default()).collect())
+                .collect();
+            refit_values(
+                model,
+                &chosen_segments,
+                &picks,
+                &mut layers,
+                Some(&mut observed),
+            )?;
+            for (li, layer) in layers.iter_mut().enumerate() {
+                let mut keys = Vec::with_capacity(cfg.num_kv_heads);
+                for (h, obs) in observed[li].iter().enumerate() {
+                    let start = frame_keys[li].get(h)?;
+                    keys.push(match obs.read_error(&picks[li][h])? {
+                        Some(error) => error.refine(&start, &layer.1.get(h)?)?,
+                        None => start,
+                    });
+                }
+                let keys = Tensor::stack(&keys, 0)?;
+                layer.0 = keep_corpus_distances(model, &keys, &picks[li], &segment_lens, p)?;
+            }
+        }
     }
     Ok(PrefixKv::new(layers)?)
 }
@@ -320,11 +371,13 @@ fn keep_corpus_distances(
 /// Replaces each selected key's value by the least-squares fit of [`crate::value_fit`]: one more
 /// forward per segment, for its queries (the selection's forwards do not keep them: a segment's
 /// queries take 1.5x the memory of its K/V, which the selection already holds for every segment).
+/// With `observed`, each head's observers are also kept there for [`crate::key_fit`].
 fn refit_values(
     model: &Transformer,
     segments: &[&[u32]],
     picks: &[Vec<Vec<(usize, usize)>>],
     layers: &mut [(Tensor, Tensor)],
+    mut observed: Option<&mut Vec<Vec<Observed>>>,
 ) -> Result<()> {
     let cfg = model.config();
     let groups = cfg.num_attention_heads / cfg.num_kv_heads;
@@ -343,6 +396,9 @@ fn refit_values(
                 let (k, v) = (k.get(h)?, v.get(h)?);
                 for (q, observers) in [(q, Observers::InPlace), (&at_end, Observers::AtEnd)] {
                     let q = q.get(h)?;
+                    if let Some(obs) = observed.as_deref_mut() {
+                        obs[li][h].add(&q, &k, &v, si, observers == Observers::AtEnd)?;
+                    }
                     *eq = NormalEquations::add(eq.take(), &q, &k, &v, &chosen, groups, observers)?;
                 }
             }
@@ -385,9 +441,10 @@ pub fn init_soft_prompt(
     match kind {
         // Selected keys have no counterpart among input embeddings (a key depends on its whole
         // context): with the default kind, a soft prompt starts from the corpus's first tokens.
-        InitKind::CorpusText | InitKind::SelectedKeys | InitKind::SelectedFitted => {
-            rows(text_ids(corpus_ids, n, "a soft prompt")?)
-        }
+        InitKind::CorpusText
+        | InitKind::SelectedKeys
+        | InitKind::SelectedFitted
+        | InitKind::SelectedRefined => rows(text_ids(corpus_ids, n, "a soft prompt")?),
         InitKind::RandomText => rows(&random_ids(&mut rng, n, vocab)),
         InitKind::SampledChunks => rows(&sampled_ids(&mut rng, corpus_ids, n, "a soft prompt")?),
         InitKind::RandomVectors => {

@@ -33,6 +33,7 @@ pub mod error;
 pub mod eval;
 pub mod fused_loss;
 pub mod init;
+pub mod key_fit;
 pub mod metrics;
 pub mod objective;
 pub mod optim;

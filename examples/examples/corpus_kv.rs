@@ -1,13 +1,14 @@
 //! Make a cartridge from the KV of a text's first `p` tokens and use it.
 //!
 //! ```sh
-//! cargo run --release -p cartridge-examples --example corpus_kv -- TEXT_FILE OUT.cart [P] [DEVICE] [first|selected|fitted]
+//! cargo run --release -p cartridge-examples --example corpus_kv -- TEXT_FILE OUT.cart [P] [DEVICE] [first|selected|fitted|refined]
 //! ```
 //!
 //! DEVICE is `cpu` (the default), `cuda` or `cuda:N` (built with `--features cuda`). `selected`
 //! keeps instead, per layer and KV head, the `p` keys of the whole text that reading it attends to
 //! most (`cartridge train --init selected-keys` without the training), and `fitted` the same keys
-//! with their values refitted (`--init selected-fitted`); the equality check below
+//! with their values refitted (`--init selected-fitted`), and `refined` those with their keys then
+//! refined by gradient descent (`--init selected-refined`); the equality check below
 //! is then skipped, since such a cartridge is no longer the KV of a prompt.
 //!
 //! The KV of a text, stored post-RoPE at positions 0..p-1, is exactly what a cartridge is; training
@@ -19,6 +20,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
+use cartridge_compiler::init::Fit;
 use cartridge_formats::cart::{Compression, Provenance};
 use cartridge_formats::fingerprint::sha256_hex;
 use cartridge_runtime::cartridge_file::{load_cartridge, save_cartridge};
@@ -30,7 +32,9 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (text_path, out) = match args.as_slice() {
         [t, o, ..] => (PathBuf::from(t), PathBuf::from(o)),
-        _ => bail!("usage: corpus_kv TEXT_FILE OUT.cart [P] [DEVICE] [first|selected|fitted]"),
+        _ => bail!(
+            "usage: corpus_kv TEXT_FILE OUT.cart [P] [DEVICE] [first|selected|fitted|refined]"
+        ),
     };
     let p: usize = match args.get(2) {
         Some(s) => s.parse().context("P must be a number")?,
@@ -38,11 +42,14 @@ fn main() -> Result<()> {
     };
     let device = device::parse(args.get(3).map_or("cpu", String::as_str))?.open()?;
     // (selected, values fitted)
-    let (selected, fitted) = match args.get(4).map(String::as_str) {
-        None | Some("first") => (false, false),
-        Some("selected") => (true, false),
-        Some("fitted") => (true, true),
-        Some(other) => bail!("unknown initialisation {other:?}: first, selected or fitted"),
+    let (selected, fit) = match args.get(4).map(String::as_str) {
+        None | Some("first") => (false, Fit::None),
+        Some("selected") => (true, Fit::None),
+        Some("fitted") => (true, Fit::Values),
+        Some("refined") => (true, Fit::Refined),
+        Some(other) => {
+            bail!("unknown initialisation {other:?}: first, selected, fitted or refined")
+        }
     };
     let loaded = loader::load_default(&device)?;
     let model = Transformer::load(loaded.var_builder(), &loaded.config)?;
@@ -59,13 +66,14 @@ fn main() -> Result<()> {
     let prefix = &ids[..p];
 
     let kv = if selected {
-        cartridge_compiler::init::select_corpus_kv(&model, p, &ids, fitted)?
+        cartridge_compiler::init::select_corpus_kv(&model, p, &ids, fit)?
     } else {
         model.prefix_kv(None, prefix)?
     };
-    let init = match (selected, fitted) {
-        (true, true) => "selected_fitted",
-        (true, false) => "selected_keys",
+    let init = match (selected, fit) {
+        (true, Fit::Refined) => "selected_refined",
+        (true, Fit::Values) => "selected_fitted",
+        (true, Fit::None) => "selected_keys",
         _ => "first_tokens",
     };
     let provenance = Provenance {

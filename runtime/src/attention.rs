@@ -290,14 +290,8 @@ impl<'a, T: Elem> Block<'a, T> {
     }
 }
 
-fn forward<T: Elem>(
-    dims: &Dims,
-    vis: &Visibility,
-    bias: &[f32],
-    q: &[T],
-    k: &[T],
-    v: &[T],
-) -> Vec<T> {
+fn forward<T: Elem>(op: &FusedAttention, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+    let (dims, vis, bias) = (&op.dims, &*op.vis, op.bias.as_slice());
     let Dims {
         kvh, g, t, d, p, ..
     } = *dims;
@@ -333,17 +327,15 @@ fn forward<T: Elem>(
 }
 
 /// Gradients `(dq, dk, dv)` in the layouts of `q` and of the joined key / value matrices.
-#[allow(clippy::too_many_arguments)]
 fn backward<T: Elem>(
-    dims: &Dims,
-    vis: &Visibility,
-    bias: &[f32],
+    op: &FusedAttention,
     q: &[T],
     k: &[T],
     v: &[T],
     out: &[T],
     grad: &[T],
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (dims, vis, bias) = (&op.dims, &*op.vis, op.bias.as_slice());
     let Dims {
         b,
         kvh,
@@ -483,7 +475,7 @@ impl FusedAttention {
         grad: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (dq, dk, dv) = with_values::<T, _, 5>([q, k, v, res, grad], |[q, k, v, o, g]| {
-            Ok(backward(&self.dims, &self.vis, &self.bias, q, k, v, o, g))
+            Ok(backward(self, q, k, v, o, g))
         })?;
         Ok((
             Tensor::from_vec(dq, q.shape(), q.device())?,
@@ -517,17 +509,13 @@ impl candle_core::CustomOp3 for FusedAttention {
         }
         let out = match sq {
             CpuStorage::F32(_) => CpuStorage::F32(forward::<f32>(
-                &self.dims,
-                &self.vis,
-                &self.bias,
+                self,
                 slice(sq, lq)?,
                 slice(sk, lk)?,
                 slice(sv, lv)?,
             )),
             CpuStorage::F64(_) => CpuStorage::F64(forward::<f64>(
-                &self.dims,
-                &self.vis,
-                &self.bias,
+                self,
                 slice(sq, lq)?,
                 slice(sk, lk)?,
                 slice(sv, lv)?,

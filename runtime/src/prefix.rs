@@ -111,12 +111,6 @@ impl PrefixKv {
         self.bias.as_deref()
     }
 
-    /// The same keys and values without a bias (bias 0 everywhere).
-    pub fn without_bias(mut self) -> Self {
-        self.bias = None;
-        self
-    }
-
     /// The bias of every layer, zeros where the prefix has none.
     fn bias_or_zeros(&self) -> Result<Vec<Tensor>> {
         match &self.bias {

@@ -119,8 +119,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 fn dims_text(dims: &Dims) -> String {
     match dims {
         Dims::Kv(d) => format!(
-            "{} layers x {} KV heads x {} head dim, {} tokens ({} frozen)",
-            d.layers, d.kv_heads, d.head_dim, d.tokens, d.frozen_tokens
+            "{} layers x {} KV heads x {} head dim, {} tokens ({} frozen){}",
+            d.layers,
+            d.kv_heads,
+            d.head_dim,
+            d.tokens,
+            d.frozen_tokens,
+            if d.biased {
+                ", a logit bias per slot"
+            } else {
+                ""
+            }
         ),
         Dims::SoftPrompt(d) => format!("{} embeddings x {} hidden", d.tokens, d.hidden),
     }

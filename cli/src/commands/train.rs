@@ -43,10 +43,11 @@ pub struct TrainArgs {
     pub frozen_tokens: usize,
     /// Initialisation: selected-keys (per layer and head, the keys of the whole corpus that a
     /// question after it attends to most), selected-fitted (the same keys, with values refitted by
-    /// least squares to read what the whole corpus read: one more pass over it; the best untrained
-    /// start for questions), corpus (KV of the corpus's first tokens), random-text,
-    /// random-vectors, sampled-chunks.
-    #[arg(long, default_value = "selected-keys", value_parser = ["corpus", "selected-keys", "selected-fitted", "random-text", "random-vectors", "sampled-chunks"])]
+    /// least squares to read what the whole corpus read: one more pass over it), selected-refined
+    /// (selected-fitted, then its keys refined by gradient descent towards the same reads: the
+    /// best untrained start for questions, a few minutes more), corpus (KV of the corpus's first
+    /// tokens), random-text, random-vectors, sampled-chunks.
+    #[arg(long, default_value = "selected-keys", value_parser = ["corpus", "selected-keys", "selected-fitted", "selected-refined", "random-text", "random-vectors", "sampled-chunks"])]
     pub init: String,
     /// Loss: distill (teacher top-k) or tokens (next-token prediction, for ablations).
     #[arg(long, default_value = "distill", value_parser = ["distill", "tokens"])]
@@ -127,6 +128,7 @@ impl TrainArgs {
                 "sampled-chunks" => InitKind::SampledChunks,
                 "corpus" => InitKind::CorpusText,
                 "selected-fitted" => InitKind::SelectedFitted,
+                "selected-refined" => InitKind::SelectedRefined,
                 _ => InitKind::SelectedKeys,
             },
             objective: match self.objective.as_str() {
@@ -162,7 +164,11 @@ impl TrainArgs {
         self.summary
             || matches!(
                 self.init.as_str(),
-                "corpus" | "sampled-chunks" | "selected-keys" | "selected-fitted"
+                "corpus"
+                    | "sampled-chunks"
+                    | "selected-keys"
+                    | "selected-fitted"
+                    | "selected-refined"
             )
     }
 

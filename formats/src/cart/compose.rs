@@ -318,7 +318,7 @@ fn tensors_digest(header: &Header) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cart::{encode, parse, Compression, KvDims};
+    use crate::cart::{encode, parse, CartView, Compression, KvDims};
 
     fn model() -> ModelFingerprint {
         ModelFingerprint {
@@ -392,6 +392,14 @@ mod tests {
         .expect("encode")
     }
 
+    fn part<'a>(label: &'a str, view: &'a CartView<'a>) -> ComposePart<'a> {
+        ComposePart {
+            label,
+            header: &view.header,
+            raw: view.stored,
+        }
+    }
+
     fn f32s(bytes: &[u8]) -> Vec<f32> {
         bytes
             .chunks_exact(4)
@@ -406,18 +414,7 @@ mod tests {
             kv_file(0.5, 3, 1, DType::F32, false),
         );
         let (va, vb) = (parse(&a).expect("a"), parse(&b).expect("b"));
-        let parts = [
-            ComposePart {
-                label: "a.cart",
-                header: &va.header,
-                raw: va.stored,
-            },
-            ComposePart {
-                label: "b.cart",
-                header: &vb.header,
-                raw: vb.stored,
-            },
-        ];
+        let parts = [part("a.cart", &va), part("b.cart", &vb)];
         let c = compose(&parts, "2026-11-29T00:00:00Z").expect("compose");
         let Dims::Kv(d) = c.dims else {
             panic!("kv expected")
@@ -444,16 +441,8 @@ mod tests {
             kv_file(0.5, 3, 1, DType::F32, true),
         );
         let (va, vb) = (parse(&a).expect("a"), parse(&b).expect("b"));
-        let pa = ComposePart {
-            label: "a",
-            header: &va.header,
-            raw: va.stored,
-        };
-        let pb = ComposePart {
-            label: "b",
-            header: &vb.header,
-            raw: vb.stored,
-        };
+        let pa = part("a", &va);
+        let pb = part("b", &vb);
         let c = compose(&[pa, pb], "").expect("compose");
         let Dims::Kv(d) = c.dims else {
             panic!("kv expected")
@@ -479,16 +468,8 @@ mod tests {
             kv_file(0.0, 1, 1, DType::Bf16, false),
         );
         let (va, vb) = (parse(&a).expect("a"), parse(&b).expect("b"));
-        let pa = ComposePart {
-            label: "a",
-            header: &va.header,
-            raw: va.stored,
-        };
-        let pb = ComposePart {
-            label: "b",
-            header: &vb.header,
-            raw: vb.stored,
-        };
+        let pa = part("a", &va);
+        let pb = part("b", &vb);
         assert_eq!(compose(&[pa, pa], "").expect("same").dtype, DType::F16);
         let mixed = compose(&[pa, pb], "").expect("mixed");
         assert_eq!(mixed.dtype, DType::F32);
@@ -503,11 +484,7 @@ mod tests {
         other.model.weights_hash = "sha256:ff".into();
         let err = compose(
             &[
-                ComposePart {
-                    label: "a.cart",
-                    header: &va.header,
-                    raw: va.stored,
-                },
+                part("a.cart", &va),
                 ComposePart {
                     label: "z.cart",
                     header: &other,
