@@ -45,8 +45,8 @@ pub struct TrainArgs {
     /// question after it attends to most), selected-fitted (the same keys, with values refitted by
     /// least squares to read what the whole corpus read: one more pass over it), selected-refined
     /// (selected-fitted, then its keys refined by gradient descent towards the same reads: the
-    /// best untrained start for questions, a few minutes more), corpus (KV of the corpus's first
-    /// tokens), random-text, random-vectors, sampled-chunks.
+    /// best answer log-likelihood of the untrained starts, minutes more), corpus (KV of the
+    /// corpus's first tokens), random-text, random-vectors, sampled-chunks.
     #[arg(long, default_value = "selected-keys", value_parser = ["corpus", "selected-keys", "selected-fitted", "selected-refined", "random-text", "random-vectors", "sampled-chunks"])]
     pub init: String,
     /// Loss: distill (teacher top-k) or tokens (next-token prediction, for ablations).
