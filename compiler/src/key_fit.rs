@@ -7,8 +7,7 @@
 //! stood and moved to the end of their segment, [`REFINE_ROWS`] of each kind) and its target (the
 //! segment's attention output), from the selected keys, with the fitted values held. Each head is
 //! a small problem of its own: `p` keys, a few thousand observer rows, [`REFINE_STEPS`] Adam steps.
-//! Moving the values as well fitted the sampled rows closer but read worse on quenmar's questions
-//! (BENCHMARKS.md, "Training").
+//! Moving the values as well read worse on quenmar's questions (BENCHMARKS.md, "Training").
 
 use candle_core::{DType, Tensor, Var, D};
 
