@@ -138,17 +138,9 @@ pub fn attention(
         ),
         _ => (own(k)?, own(v)?, 0),
     };
-    let bias = match prefix.and_then(|pl| pl.bias) {
-        Some(bias) if p > 0 => {
-            if bias.dims() != [kvh, p] {
-                return Err(Error::Msg(format!(
-                    "fused attention: prefix bias {:?} does not fit {kvh} KV heads of {p} slots",
-                    bias.dims()
-                )));
-            }
-            bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?
-        }
-        _ => Vec::new(),
+    let bias = match prefix {
+        Some(pl) => pl.bias_values(kvh, "fused attention")?,
+        None => Vec::new(),
     };
     let op = FusedAttention {
         dims: Dims {

@@ -59,17 +59,9 @@ pub(crate) fn decode_attention(
         _ => (None, None),
     };
     let p = kp.as_ref().map_or(Ok(0), |kp| kp.dim(1))?;
-    let bias = match prefix.and_then(|pl| pl.bias) {
-        Some(bias) if p > 0 => {
-            if bias.dims() != [kvh, p] {
-                return Err(Error::Msg(format!(
-                    "decode attention: prefix bias {:?} does not fit {kvh} KV heads of {p} slots",
-                    bias.dims()
-                )));
-            }
-            bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?
-        }
-        _ => Vec::new(),
+    let bias = match prefix {
+        Some(pl) => pl.bias_values(kvh, "decode attention")?,
+        None => Vec::new(),
     };
     if let (Some(kp), Some(vp)) = (&kp, &vp) {
         if kp.dims() != [kvh, p, d] || vp.dims() != kp.dims() {

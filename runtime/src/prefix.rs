@@ -58,6 +58,29 @@ pub struct PrefixLayer<'a> {
     pub bias: Option<&'a Tensor>,
 }
 
+impl PrefixLayer<'_> {
+    /// The bias as `[kv_heads * p]` f32 values for a CPU kernel (`what` names it in errors),
+    /// empty when there is none or the prefix has no slots.
+    pub(crate) fn bias_values(&self, kv_heads: usize, what: &str) -> Result<Vec<f32>> {
+        let p = self.k.dim(1)?;
+        match self.bias {
+            Some(bias) if p > 0 => {
+                if bias.dims() != [kv_heads, p] {
+                    return Err(Error::Msg(format!(
+                        "{what}: prefix bias {:?} does not fit {kv_heads} KV heads of {p} slots",
+                        bias.dims()
+                    )));
+                }
+                Ok(bias
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?)
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+}
+
 impl PrefixKv {
     /// Build from per-layer `(k, v)`, each `[num_kv_heads, p, head_dim]` with the same `p`.
     pub fn new(layers: Vec<(Tensor, Tensor)>) -> Result<Self> {
