@@ -44,69 +44,6 @@ pub struct NormalEquations {
     rhs: Tensor,
 }
 
-/// Observer rows of one segment, in blocks of [`ROW_BLOCK`]: each block's queries with additive
-/// masks over the segment's keys (`[rows, n]`) and over the chosen keys (`[rows, p]`), as
-/// `observers` read them. `q: [groups * n, d]` (rows (group, token)); `chosen[j]` is the segment
-/// position of slot `j`'s key, or `None` when it comes from another segment (never visible).
-/// Rows that see no chosen key are left out.
-fn observer_blocks(
-    q: &Tensor,
-    n: usize,
-    chosen: &[Option<usize>],
-    groups: usize,
-    observers: Observers,
-    mut each: impl FnMut(&Tensor, Tensor, Tensor) -> Result<()>,
-) -> Result<()> {
-    let p = chosen.len();
-    let step = (n * groups).div_ceil(FIT_ROWS).max(1);
-    // Observer rows that see at least one chosen key: in place, from the earliest chosen
-    // position on; at the end, all of them.
-    let first = match observers {
-        Observers::InPlace => chosen.iter().flatten().min().copied(),
-        Observers::AtEnd => chosen.iter().flatten().next().map(|_| 0),
-    };
-    let rows: Vec<u32> = match first {
-        None => Vec::new(),
-        Some(first) => (0..groups)
-            .flat_map(|g| (first..n).step_by(step).map(move |i| (g * n + i) as u32))
-            .collect(),
-    };
-    let dev = q.device();
-    // In blocks of rows, so the score buffers stay `ROW_BLOCK x n` for long segments.
-    for block in rows.chunks(ROW_BLOCK) {
-        let nr = block.len();
-        let mut mask_all = vec![0f32; nr * n];
-        let mut mask_chosen = vec![0f32; nr * p];
-        for (r, &row) in block.iter().enumerate() {
-            // The last key this row sees.
-            let i = match observers {
-                Observers::InPlace => row as usize % n,
-                Observers::AtEnd => n - 1,
-            };
-            mask_all[r * n + i + 1..(r + 1) * n].fill(f32::NEG_INFINITY);
-            for (j, c) in chosen.iter().enumerate() {
-                if !matches!(c, Some(c) if *c <= i) {
-                    mask_chosen[r * p + j] = f32::NEG_INFINITY;
-                }
-            }
-        }
-        let q = q.index_select(&Tensor::from_vec(block.to_vec(), nr, dev)?, 0)?;
-        each(
-            &q,
-            Tensor::from_vec(mask_all, (nr, n), dev)?,
-            Tensor::from_vec(mask_chosen, (nr, p), dev)?,
-        )?;
-    }
-    Ok(())
-}
-
-/// The chosen slots' keys `[p, d]`; a slot from another segment gets a placeholder (position 0),
-/// which the masks hide.
-fn chosen_keys(k: &Tensor, chosen: &[Option<usize>]) -> Result<Tensor> {
-    let idx: Vec<u32> = chosen.iter().map(|c| c.unwrap_or(0) as u32).collect();
-    Ok(k.index_select(&Tensor::from_vec(idx, chosen.len(), k.device())?, 0)?)
-}
-
 impl NormalEquations {
     /// Adds one segment's observers. `q: [groups * n, d]` (rows (group, token), scaled as the
     /// model scales them, post-RoPE at the positions `observers` says), `k, v: [n, d]` the
@@ -123,30 +60,62 @@ impl NormalEquations {
         observers: Observers,
     ) -> Result<Option<Self>> {
         let (n, _) = k.dims2()?;
-        let keys = chosen_keys(k, chosen)?;
+        let p = chosen.len();
+        let step = (n * groups).div_ceil(FIT_ROWS).max(1);
+        // Observer rows that see at least one chosen key: in place, from the earliest chosen
+        // position on; at the end, all of them.
+        let first = match observers {
+            Observers::InPlace => chosen.iter().flatten().min().copied(),
+            Observers::AtEnd => chosen.iter().flatten().next().map(|_| 0),
+        };
+        let rows: Vec<u32> = match first {
+            None => Vec::new(),
+            Some(first) => (0..groups)
+                .flat_map(|g| (first..n).step_by(step).map(move |i| (g * n + i) as u32))
+                .collect(),
+        };
+        let dev = q.device();
+        // Slots from other segments get a placeholder key (position 0); their weight is masked.
+        let idx: Vec<u32> = chosen.iter().map(|c| c.unwrap_or(0) as u32).collect();
+        let keys = k.index_select(&Tensor::from_vec(idx, p, dev)?, 0)?;
         let mut acc = acc;
-        observer_blocks(
-            q,
-            n,
-            chosen,
-            groups,
-            observers,
-            |q, mask_all, mask_chosen| {
-                let o = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? + mask_all)?)?
-                    .matmul(v)?;
-                let a = candle_nn::ops::softmax_last_dim(&(q.matmul(&keys.t()?)? + mask_chosen)?)?;
-                let at = a.t()?;
-                let (gram, rhs) = (at.matmul(&a)?, at.matmul(&o)?);
-                acc = Some(match acc.take() {
-                    None => Self { gram, rhs },
-                    Some(acc) => Self {
-                        gram: (acc.gram + gram)?,
-                        rhs: (acc.rhs + rhs)?,
-                    },
-                });
-                Ok(())
-            },
-        )?;
+        // In blocks of rows, so the score buffers stay `ROW_BLOCK x n` for long segments.
+        for block in rows.chunks(ROW_BLOCK) {
+            let nr = block.len();
+            let mut mask_all = vec![0f32; nr * n];
+            let mut mask_chosen = vec![0f32; nr * p];
+            for (r, &row) in block.iter().enumerate() {
+                // The last key this row sees.
+                let i = match observers {
+                    Observers::InPlace => row as usize % n,
+                    Observers::AtEnd => n - 1,
+                };
+                mask_all[r * n + i + 1..(r + 1) * n].fill(f32::NEG_INFINITY);
+                for (j, c) in chosen.iter().enumerate() {
+                    if !matches!(c, Some(c) if *c <= i) {
+                        mask_chosen[r * p + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let q = q.index_select(&Tensor::from_vec(block.to_vec(), nr, dev)?, 0)?;
+            let weights = |keys: &Tensor, mask: Vec<f32>, width: usize| -> Result<Tensor> {
+                let mask = Tensor::from_vec(mask, (nr, width), dev)?;
+                Ok(candle_nn::ops::softmax_last_dim(
+                    &(q.matmul(&keys.t()?)? + mask)?,
+                )?)
+            };
+            let o = weights(k, mask_all, n)?.matmul(v)?;
+            let a = weights(&keys, mask_chosen, p)?;
+            let at = a.t()?;
+            let (gram, rhs) = (at.matmul(&a)?, at.matmul(&o)?);
+            acc = Some(match acc {
+                None => Self { gram, rhs },
+                Some(acc) => Self {
+                    gram: (acc.gram + gram)?,
+                    rhs: (acc.rhs + rhs)?,
+                },
+            });
+        }
         Ok(acc)
     }
 
