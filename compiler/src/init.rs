@@ -5,15 +5,16 @@
 //! and reproducible builds rely on. Random normals come from our own Box-Muller over a seeded
 //! `StdRng` because candle's `randn` draws from an unseeded thread RNG.
 
-use candle_core::{DType, Tensor};
-use cartridge_runtime::{Observers, PrefixKv, Transformer};
+use candle_core::{DType, Device, Tensor};
+use cartridge_runtime::{PrefixKv, Transformer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::coverage::{coverage_pick, SegmentReads};
 use crate::error::{Error, Result};
 use crate::key_fit::Observed;
-use crate::value_fit::{NormalEquations, RIDGE};
+use crate::value_fit::{NormalEquations, Observers, RIDGE};
 
 /// How the parameters start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -28,9 +29,9 @@ pub enum InitKind {
     /// The KV (or embeddings) of [`SAMPLED_CHUNKS`] windows of the corpus text at seeded random
     /// offsets, concatenated (positions `0..p-1` over the concatenation).
     SampledChunks,
-    /// The `p` keys (and their values) of the whole corpus that a question after it attends to
-    /// most, chosen per layer and KV head and moved to positions `0..p-1` in their corpus order
-    /// (KV-cache compression as a starting point; see [`select_corpus_kv`]). Slot 0 keeps the
+    /// The `p` keys (and their values) of the whole corpus that best cover what a question after
+    /// it reads, chosen per layer and KV head and moved to positions `0..p-1` in their corpus
+    /// order (KV-cache compression as a starting point; see [`select_corpus_kv`]). Slot 0 keeps the
     /// corpus's first token, the attention sink. The default: it starts closer to the corpus in
     /// context than [`InitKind::CorpusText`] and stays ahead after training (BENCHMARKS.md,
     /// "Training").
@@ -55,6 +56,10 @@ pub const SELECT_SEGMENT_TOKENS: usize = 8192;
 /// Corpus tokens [`InitKind::SelectedKeys`] scores at most; a longer corpus contributes evenly
 /// spaced segments up to this many tokens, which keeps the start of a build bounded.
 pub const SELECT_MAX_TOKENS: usize = 65_536;
+
+/// Observer tokens the key selection reads from at most, spread evenly over the segments: every
+/// observer's reads of its segment are held at once, per head (`groups x tokens x segment` f32).
+pub const COVERAGE_OBSERVER_TOKENS: usize = 8192;
 
 /// Tokens used to measure the scale of real K/V for [`InitKind::RandomVectors`].
 const SCALE_PROBE_TOKENS: usize = 64;
@@ -184,26 +189,20 @@ pub enum Fit {
     Refined,
 }
 
-/// A key of the corpus: its attention score, its segment and its position there.
-#[derive(Clone, Copy)]
-struct Candidate {
-    score: f32,
-    segment: usize,
-    position: usize,
-}
-
-/// The `p` most-attended corpus keys per layer and KV head, as a cartridge.
+/// The `p` corpus keys per layer and KV head that best cover what a question after the corpus
+/// reads, as a cartridge.
 ///
-/// The corpus runs in segments of at most [`SELECT_SEGMENT_TOKENS`]; each key is scored by the
-/// attention the segment's queries pay it when moved to the segment's end, where they see every
-/// key, as a question after the corpus would ([`Observers::AtEnd`],
-/// [`Transformer::attention_received`]), averaged over those queries. Slot 0 is the corpus's first
-/// token (the attention sink); the other `p - 1` slots are each head's best keys in corpus order,
-/// moved from their segment positions to `1..p` ([`Transformer::move_keys`]). Heads choose
-/// independently: attention is per head, so slot `j` need not be the same token in every head.
-/// The values keep what the whole segment put in them, which the first `p` tokens alone never
-/// see. (Scoring by the causal read instead, each query where it was: quenmar's answer
-/// log-likelihood -4.830 against -4.637 with the keys' own values, -4.331 against -4.198 fitted;
+/// The corpus runs in segments of at most [`SELECT_SEGMENT_TOKENS`]. Its observers are the
+/// segment's queries moved to the segment's end, where they see every key, as a question after
+/// the corpus would ([`Transformer::move_queries`]; at most [`COVERAGE_OBSERVER_TOKENS`] tokens,
+/// evenly spaced). Slot 0 is the corpus's first token (the attention sink); the other `p - 1`
+/// slots are each head's keys chosen greedily for coverage of those observers' reads
+/// ([`crate::coverage`]), in corpus order, moved from their segment positions to `1..p`
+/// ([`Transformer::move_keys`]). Heads choose independently: attention is per head, so slot `j`
+/// need not be the same token in every head. The values keep what the whole segment put in them,
+/// which the first `p` tokens alone never see. (Ranking keys by the attention they receive on
+/// average instead: tidewright's answer log-likelihood -5.514 against -5.245, -4.924 against
+/// -4.770 fitted; scoring by the causal read, each query where it was, did worse still;
 /// BENCHMARKS.md.)
 ///
 /// With a [`Fit`], the values are refitted ([`crate::value_fit`]) and the keys instead keep
@@ -226,23 +225,29 @@ pub fn select_corpus_kv(
             corpus.len()
         )));
     }
-    let segment_len = SELECT_SEGMENT_TOKENS.min(model.config().max_position_embeddings);
+    let cfg = model.config();
+    let groups = cfg.num_attention_heads / cfg.num_kv_heads;
+    let segment_len = SELECT_SEGMENT_TOKENS.min(cfg.max_position_embeddings);
     let all: Vec<&[u32]> = corpus.chunks(segment_len).collect();
     // Evenly spaced segments when the corpus is longer than the budget.
     let keep = (SELECT_MAX_TOKENS / segment_len).clamp(1, all.len());
     let chosen_segments: Vec<&[u32]> = (0..keep).map(|i| all[i * all.len() / keep]).collect();
-    // Per segment: its K/V and, per layer, per KV head, each key's score.
-    let mut segments: Vec<(PrefixKv, Vec<Vec<Vec<f32>>>)> = Vec::with_capacity(keep);
+    let observer_tokens = (COVERAGE_OBSERVER_TOKENS / keep).max(1);
+    // Per segment: its K/V and, per layer, its observers' queries moved to its end.
+    let mut segments: Vec<(PrefixKv, Vec<Tensor>)> = Vec::with_capacity(keep);
     for &seg in &chosen_segments {
-        let (kv, received) = model.attention_received(seg, 0..seg.len(), Observers::AtEnd)?;
-        let scores = received
+        let (kv, queries) = model.kv_and_queries(seg)?;
+        let rows = observer_rows(seg.len(), groups, observer_tokens, model.device())?;
+        let at_end = queries
             .iter()
-            .map(|r| Ok(r.to_vec2::<f32>()?))
+            .map(|q| {
+                let moved = model.move_queries(q, seg.len(), seg.len() as u32 - 1)?;
+                Ok(moved.index_select(&rows, 1)?)
+            })
             .collect::<Result<Vec<_>>>()?;
-        segments.push((kv, scores));
+        segments.push((kv, at_end));
     }
     let segment_lens: Vec<usize> = chosen_segments.iter().map(|s| s.len()).collect();
-    let cfg = model.config();
     let mut layers = Vec::with_capacity(cfg.num_layers);
     // Per layer and KV head, the (segment, position) of each slot's key.
     let mut picks: Vec<Vec<Vec<(usize, usize)>>> = Vec::with_capacity(cfg.num_layers);
@@ -253,39 +258,20 @@ pub fn select_corpus_kv(
         let mut values = Vec::with_capacity(cfg.num_kv_heads);
         let mut slots = Vec::with_capacity(cfg.num_kv_heads);
         for h in 0..cfg.num_kv_heads {
-            let mut pool: Vec<Candidate> = segments
+            let reads = segments
                 .iter()
-                .enumerate()
-                .flat_map(|(segment, (_, scores))| {
-                    scores[li][h]
-                        .iter()
-                        .enumerate()
-                        .map(move |(position, &score)| Candidate {
-                            score,
-                            segment,
-                            position,
-                        })
+                .map(|(kv, queries)| {
+                    SegmentReads::new(&queries[li].get(h)?, &kv.layers()[li].0.get(h)?)
                 })
-                // Every segment's first token is its attention sink: slot 0 holds the corpus's.
-                .filter(|c| c.position > 0)
+                .collect::<Result<Vec<_>>>()?;
+            let head_slots: Vec<(usize, usize)> = std::iter::once((0, 0))
+                .chain(coverage_pick(&reads, p - 1)?)
                 .collect();
-            // Best first; ties (and NaN, which attention never yields) keep corpus order.
-            pool.sort_by(|a, b| b.score.total_cmp(&a.score));
-            pool.truncate(p - 1);
-            pool.sort_by_key(|c| (c.segment, c.position));
-            let chosen = std::iter::once(Candidate {
-                score: 0.0,
-                segment: 0,
-                position: 0,
-            })
-            .chain(pool);
-            let (mut ks, mut vs) = (Vec::new(), Vec::new());
-            let mut head_slots = Vec::with_capacity(p);
-            for c in chosen {
-                head_slots.push((c.segment, c.position));
-                let (k, v) = segments[c.segment].0.layers()[li].clone();
-                ks.push(k.narrow(0, h, 1)?.narrow(1, c.position, 1)?);
-                vs.push(v.narrow(0, h, 1)?.narrow(1, c.position, 1)?);
+            let (mut ks, mut vs) = (Vec::with_capacity(p), Vec::with_capacity(p));
+            for &(segment, position) in &head_slots {
+                let (k, v) = segments[segment].0.layers()[li].clone();
+                ks.push(k.narrow(0, h, 1)?.narrow(1, position, 1)?);
+                vs.push(v.narrow(0, h, 1)?.narrow(1, position, 1)?);
             }
             keys.push(Tensor::cat(&ks, 1)?);
             values.push(Tensor::cat(&vs, 1)?);
@@ -308,11 +294,12 @@ pub fn select_corpus_kv(
         layers.push((k, Tensor::cat(&values, 0)?));
         picks.push(slots);
     }
+    // The fits run their own forwards; the observers' queries are not needed any more.
+    drop(segments);
     match fit {
         Fit::None => {}
         Fit::Values => refit_values(model, &chosen_segments, &picks, &mut layers, None)?,
         Fit::Refined => {
-            let cfg = model.config();
             let mut observed: Vec<Vec<Observed>> = (0..cfg.num_layers)
                 .map(|_| (0..cfg.num_kv_heads).map(|_| Observed::default()).collect())
                 .collect();
@@ -338,6 +325,16 @@ pub fn select_corpus_kv(
         }
     }
     Ok(PrefixKv::new(layers)?)
+}
+
+/// Row indices of [`Transformer::kv_and_queries`]' queries (rows ordered (group, token)) for at
+/// most `tokens` evenly spaced tokens of an `n`-token segment, every query head of the group.
+fn observer_rows(n: usize, groups: usize, tokens: usize, device: &Device) -> Result<Tensor> {
+    let m = tokens.min(n);
+    let rows: Vec<u32> = (0..groups)
+        .flat_map(|g| (0..m).map(move |i| (g * n + i * n / m) as u32))
+        .collect();
+    Ok(Tensor::new(rows.as_slice(), device)?)
 }
 
 /// Keys `[kv_heads, p, d]` computed at their corpus positions, moved back by `len - p` (`len`:
@@ -459,6 +456,18 @@ pub fn init_soft_prompt(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn observer_rows_are_evenly_spaced_tokens_of_every_group() {
+        let rows = |n, tokens| {
+            observer_rows(n, 2, tokens, &Device::Cpu)
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap()
+        };
+        assert_eq!(rows(10, 4), vec![0, 2, 5, 7, 10, 12, 15, 17]);
+        assert_eq!(rows(3, 8), vec![0, 1, 2, 3, 4, 5]);
+    }
 
     #[test]
     fn sampled_windows_come_from_the_text() {

@@ -28,6 +28,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod coverage;
 pub mod data;
 pub mod error;
 pub mod eval;

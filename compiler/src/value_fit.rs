@@ -10,7 +10,7 @@
 //! values), `(A^T A + lambda I) V_s = A^T O + lambda V_0`.
 //!
 //! The observers are the corpus's own queries, evenly spaced over it (at most [`FIT_ROWS`] rows
-//! per segment, head and kind), of two kinds ([`Observers`], as the key selection reads them):
+//! per segment, head and kind), of two kinds ([`Observers`]):
 //! each query where it was, seeing the keys before it, as when the corpus was read; and each query
 //! moved to the end of its segment, seeing all of it, as a question after the corpus would. Measured on the example corpora's
 //! questions (BENCHMARKS.md, "Training"), untrained, share of the bare -> ICL gap in answer
@@ -19,7 +19,6 @@
 //! alone did worse than the first. With up to [`FIT_ROWS`] rows, both kinds: 65% and 52%.
 
 use candle_core::{DType, Tensor};
-use cartridge_runtime::Observers;
 
 use crate::error::{Error, Result};
 
@@ -35,6 +34,16 @@ const ROW_BLOCK: usize = 2048;
 /// enough that keys few queries attend to stay near their own values (with observers from the
 /// corpus's later seven eighths, 1e-2 and 1e-4 both did worse on quenmar's questions than 1e-3).
 pub const RIDGE: f64 = 1e-3;
+
+/// Where an observer row reads the corpus from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observers {
+    /// Each row at its own position, over the keys up to it: the causal read of the text.
+    InPlace,
+    /// Each row's query moved after the text (the caller rotates it there), over every key: the
+    /// read of a question asked after the text, which is how a cartridge is read.
+    AtEnd,
+}
 
 /// The normal equations of one KV head's fit, summed over corpus segments.
 pub struct NormalEquations {

@@ -1,38 +1,39 @@
-//! Selected-keys initialisation keeps, per layer and KV head, exactly the corpus keys the corpus
-//! attends to most, with their values untouched and their keys moved to the cartridge's slots.
+//! Selected-keys initialisation keeps, per layer and KV head, exactly the corpus keys that cover
+//! what a question after the corpus reads, with their values untouched and their keys moved to the
+//! cartridge's slots.
 
 mod common;
 
 use candle_core::Tensor;
+use cartridge_compiler::coverage::{coverage_pick, SegmentReads};
 use cartridge_compiler::init::{init_kv, select_corpus_kv, Fit};
 use cartridge_compiler::InitKind;
 use cartridge_formats::cart::{Compression, Provenance};
 use cartridge_runtime::cartridge_file::{load_cartridge, save_cartridge};
-use cartridge_runtime::Observers;
 use common::{max_abs_diff, tiny_model, tokens};
 
 #[test]
-fn selected_keys_are_each_heads_most_attended_keys() {
+fn selected_keys_are_each_heads_coverage_choice() {
     let (model, _) = tiny_model(3, "m");
     let corpus = tokens(11, 200);
     let p = 24;
     let cart = select_corpus_kv(&model, p, &corpus, Fit::None).expect("select");
     assert_eq!(cart.len(), p);
-    let (full, received) = model
-        .attention_received(&corpus, 0..corpus.len(), Observers::AtEnd)
-        .expect("stats");
+    // The observers: every corpus query, moved to the end of the corpus.
+    let (full, queries) = model.kv_and_queries(&corpus).expect("queries");
+    let n = corpus.len();
     let mut distinct_choices = 0;
-    for (li, ((k, v), r)) in full.layers().iter().zip(&received).enumerate() {
+    for (li, ((k, v), q)) in full.layers().iter().zip(&queries).enumerate() {
         let (ck, cv) = cart.layer(li).unwrap();
-        let scores = r.to_vec2::<f32>().unwrap();
+        let at_end = model.move_queries(q, n, n as u32 - 1).unwrap();
         let mut chosen_per_head = Vec::new();
-        for (h, s) in scores.iter().enumerate() {
-            // The reference choice: slot 0, then the best p - 1 of positions 1.., in order.
-            let mut order: Vec<usize> = (1..corpus.len()).collect();
-            order.sort_by(|&a, &b| s[b].total_cmp(&s[a]));
-            let mut chosen: Vec<usize> = order[..p - 1].to_vec();
-            chosen.sort();
-            chosen.insert(0, 0);
+        for h in 0..k.dim(0).unwrap() {
+            // The reference choice: slot 0, then the coverage choice of positions 1.., in order.
+            let reads = SegmentReads::new(&at_end.get(h).unwrap(), &k.get(h).unwrap()).unwrap();
+            let picked = coverage_pick(&[reads], p - 1).unwrap();
+            let chosen: Vec<usize> = std::iter::once(0)
+                .chain(picked.into_iter().map(|(_, j)| j))
+                .collect();
             for (slot, &pos) in chosen.iter().enumerate() {
                 let want_v = v.narrow(0, h, 1).unwrap().narrow(1, pos, 1).unwrap();
                 let got_v = cv.narrow(0, h, 1).unwrap().narrow(1, slot, 1).unwrap();

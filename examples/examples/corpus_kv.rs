@@ -5,8 +5,8 @@
 //! ```
 //!
 //! DEVICE is `cpu` (the default), `cuda` or `cuda:N` (built with `--features cuda`). `selected`
-//! keeps instead, per layer and KV head, the `p` keys of the whole text that reading it attends to
-//! most (`cartridge train --init selected-keys` without the training), and `fitted` the same keys
+//! keeps instead, per layer and KV head, the `p` keys of the whole text that best cover what a
+//! question after it reads (`cartridge train --init selected-keys` without the training), and `fitted` the same keys
 //! with their values refitted (`--init selected-fitted`), and `refined` those with their keys then
 //! refined by gradient descent (`--init selected-refined`); the equality check below
 //! is then skipped, since such a cartridge is no longer the KV of a prompt.

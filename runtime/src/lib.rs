@@ -15,7 +15,6 @@ pub mod model_fingerprint;
 pub mod tokenizer;
 
 pub mod attention;
-pub mod attention_received;
 pub mod batch_decoder;
 mod cpu_kernel;
 mod decode_attention;
@@ -31,7 +30,6 @@ mod small_matmul;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use attention_received::Observers;
 pub use batch_decoder::BatchDecoder;
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;

@@ -41,8 +41,8 @@ pub struct TrainArgs {
     /// Leading cartridge slots kept frozen (the attention sink).
     #[arg(long, default_value_t = TrainConfig::default().frozen_tokens)]
     pub frozen_tokens: usize,
-    /// Initialisation: selected-keys (per layer and head, the keys of the whole corpus that a
-    /// question after it attends to most), selected-fitted (the same keys, with values refitted by
+    /// Initialisation: selected-keys (per layer and head, the keys of the whole corpus that best
+    /// cover what a question after it reads), selected-fitted (the same keys, with values refitted by
     /// least squares to read what the whole corpus read: one more pass over it), selected-refined
     /// (selected-fitted, then its keys refined by gradient descent towards the same reads: the
     /// best answer log-likelihood of the untrained starts, minutes more), corpus (KV of the

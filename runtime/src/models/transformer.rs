@@ -38,7 +38,6 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::{QMatMul, QTensor};
@@ -46,7 +45,6 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::attention::{self, Visibility};
-use crate::attention_received::{self, Observers};
 use crate::decode_attention;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
@@ -561,42 +559,6 @@ impl Transformer {
         let mut cache = self.new_cache(1);
         self.forward(prefix, Some(&mut cache), &ids, Logits::Last, Path::Infer)?;
         cache.to_prefix(0)
-    }
-
-    /// Per-layer K/V of `tokens` (positions `0..n-1`, as [`Self::prefix_kv`] without a prefix)
-    /// and, per layer, the attention each key receives from the query rows `rows` of the same
-    /// tokens, read as `observers` says (at the end: each query moved to position `n - 1`):
-    /// `[kv_heads, n]` f32 (see [`attention_received::attention_received`]). One forward of all
-    /// the tokens, so they must fit the model's positions.
-    pub fn attention_received(
-        &self,
-        tokens: &[u32],
-        rows: Range<usize>,
-        observers: Observers,
-    ) -> Result<(PrefixKv, Vec<Tensor>)> {
-        let n = tokens.len();
-        if rows.is_empty() || rows.end > n {
-            return Err(Error::Msg(format!(
-                "observer rows {rows:?} outside the {n} tokens"
-            )));
-        }
-        let (kv, queries) = self.kv_and_queries(tokens)?;
-        let groups = self.cfg.num_attention_heads / self.cfg.num_kv_heads;
-        let mut received = Vec::with_capacity(kv.layers().len());
-        for ((k, _), q) in kv.layers().iter().zip(&queries) {
-            let q = match observers {
-                Observers::InPlace => q.clone(),
-                Observers::AtEnd => self.move_queries(q, n, n as u32 - 1)?,
-            };
-            received.push(attention_received::attention_received(
-                &q,
-                k,
-                groups,
-                rows.clone(),
-                observers,
-            )?);
-        }
-        Ok((kv, received))
     }
 
     /// Per-layer K/V of `tokens` (positions `0..n-1`) and each layer's scaled post-RoPE queries
