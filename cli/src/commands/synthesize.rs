@@ -69,7 +69,8 @@ pub struct SynthArgs {
     #[arg(long)]
     pub description: Option<String>,
     /// Seed-kind weights, e.g. `question=2,creative=0.5` (kinds: structuring, summarization,
-    /// question, use_case, creative; unspecified kinds keep weight 1).
+    /// question, use_case, creative; kinds not named get weight 0, so `question=1` draws only
+    /// question seeds).
     #[arg(long, value_name = "KIND=W,...")]
     pub seed_weights: Option<String>,
     /// A file of extra seed prompts, one per line as `kind: text`.
