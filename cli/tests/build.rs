@@ -108,4 +108,31 @@ fn build_writes_a_cartridge_that_serves() {
     ]);
     assert_ne!(t.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&t.stderr).contains("--corpus"));
+
+    // The selected keys are cut from the teacher's context, the system message the chat template
+    // renders around the corpus: the frozen slot 0 is its first token, `<|im_start|>`, not the
+    // corpus's first word.
+    let device = candle_core::Device::Cpu;
+    let loaded = cartridge_runtime::loader::load_default(&device).expect("model");
+    let model = loaded.transformer().expect("transformer");
+    let cart =
+        cartridge_runtime::cartridge_file::load_cartridge(&out, &loaded.fingerprint, &device)
+            .expect("cartridge");
+    let slot0 = |kv: &cartridge_runtime::PrefixKv| -> Vec<f32> {
+        let k = kv.layers()[0].0.narrow(1, 0, 1).unwrap();
+        k.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let first_key_of = |text: &str| {
+        let id = loaded.tokenizer.encode(text, false).unwrap()[0];
+        slot0(&model.prefix_kv(None, &[id]).unwrap())
+    };
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let stored = slot0(&cart);
+    assert!(max_diff(&stored, &first_key_of("<|im_start|>")) < 1e-4);
+    assert!(max_diff(&stored, &first_key_of("The")) > 1e-2);
 }

@@ -63,12 +63,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let options = args.corpus_args.options();
     let corpus = corpus::ingest(&args.corpus, &options)?;
 
-    let mut loaded = args.model.load()?;
+    let loaded = args.model.load()?;
     let model = args.model.transformer(&loaded)?;
-    // The template is only needed by self-study; training uses the weights and fingerprint.
+    // Self-study renders every conversation with the template, and the selected starts read the
+    // corpus through it (`corpus_token_ids`).
     let template = loaded
         .chat_template
-        .take()
+        .clone()
         .context("the model has no chat template; self-study needs a chat model")?;
     let mut backend = LocalBackend::from_parts(
         model,
@@ -110,7 +111,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
         );
     }
     let corpus_ids = if args.train.needs_corpus() {
-        Some(corpus_token_ids(&loaded, &args.corpus, &options)?)
+        Some(corpus_token_ids(
+            &loaded,
+            &args.corpus,
+            &options,
+            &args.train.init,
+            args.synth.description.clone(),
+        )?)
     } else {
         None
     };
