@@ -32,9 +32,10 @@ pub enum InitKind {
     /// The `p` keys (and their values) of the whole corpus that best cover what a question after
     /// it reads, chosen per layer and KV head and moved to positions `0..p-1` in their corpus
     /// order (KV-cache compression as a starting point; see [`select_corpus_kv`]). Slot 0 keeps the
-    /// corpus's first token, the attention sink. The default: it starts closer to the corpus in
-    /// context than [`InitKind::CorpusText`] and stays ahead after training (BENCHMARKS.md,
-    /// "Training").
+    /// first token of the ids the caller passes, the attention sink (the CLI passes the teacher's
+    /// system message around the corpus, so that is the chat template's first token). The
+    /// default: it starts closer to the corpus in context than [`InitKind::CorpusText`] and stays
+    /// ahead after training (BENCHMARKS.md, "Training").
     #[default]
     SelectedKeys,
     /// [`InitKind::SelectedKeys`]' keys at their distances in the corpus, with each key's value

@@ -43,7 +43,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = TrainConfig::default().frozen_tokens)]
     pub frozen_tokens: usize,
     /// Initialisation: selected-keys (per layer and head, the keys of the whole corpus that best
-    /// cover what a question after it reads), selected-fitted (the same keys, with values
+    /// cover what a question after it reads, cut from the corpus as the self-study teacher saw it:
+    /// inside its system message, rendered by the chat template), selected-fitted (the same keys, with values
     /// refitted by least squares to read what the whole corpus read: one more pass over it),
     /// selected-refined (selected-fitted, then its keys refined by gradient descent towards the
     /// same reads: the best answer log-likelihood of the untrained starts; about 20 min more for
