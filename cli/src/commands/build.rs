@@ -115,7 +115,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             &loaded,
             &args.corpus,
             &options,
-            &args.train.init,
+            &args.train,
             args.synth.description.clone(),
         )?)
     } else {

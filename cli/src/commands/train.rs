@@ -236,7 +236,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             &loaded,
             path,
             &IngestOptions::default(),
-            &args.train.init,
+            &args.train,
             dataset_description(&args.data)?,
         )?),
         (None, true) => bail!(
@@ -283,16 +283,18 @@ pub fn run(args: Args) -> Result<ExitCode> {
 /// the model's chat template, so the cartridge is cut from the very context it replaces, template
 /// tokens and closing `<|im_end|>` included. (Untrained, fitted, on tidewright's questions:
 /// -4.571 against -4.770 for the bare file text; BENCHMARKS.md, "The teacher's context".)
-/// Otherwise, and for a model without a chat template, the files' tokens in order.
+/// Otherwise (a soft prompt starts from the embeddings of the corpus's first tokens), and for a
+/// model without a chat template, the files' tokens in order.
 pub fn corpus_token_ids(
     loaded: &LoadedModel,
     path: &Path,
     options: &IngestOptions,
-    init: &str,
+    train: &TrainArgs,
     description: Option<String>,
 ) -> Result<Vec<u32>> {
     let corpus = corpus::ingest(path, options)?;
-    if let (true, Some(template)) = (init.starts_with("selected"), &loaded.chat_template) {
+    let selects_keys = train.soft_prompt.is_none() && train.init.starts_with("selected");
+    if let (true, Some(template)) = (selects_keys, &loaded.chat_template) {
         let context = CorpusContext::new(&corpus, &loaded.tokenizer, description)?;
         let system = context.system_message(context.tokens(), &loaded.tokenizer)?;
         return Ok(system_ids(template, &loaded.tokenizer, &system)?);
