@@ -113,8 +113,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let corpus_ids = if args.train.needs_corpus() {
         Some(corpus_token_ids(
             &loaded,
-            &args.corpus,
-            &options,
+            &corpus,
             &args.train,
             args.synth.description.clone(),
         )?)

@@ -234,8 +234,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let corpus_ids = match (&args.corpus, args.train.needs_corpus()) {
         (Some(path), _) => Some(corpus_token_ids(
             &loaded,
-            path,
-            &IngestOptions::default(),
+            &corpus::ingest(path, &IngestOptions::default())?,
             &args.train,
             dataset_description(&args.data)?,
         )?),
@@ -287,15 +286,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
 /// model without a chat template, the files' tokens in order.
 pub fn corpus_token_ids(
     loaded: &LoadedModel,
-    path: &Path,
-    options: &IngestOptions,
+    corpus: &Corpus,
     train: &TrainArgs,
     description: Option<String>,
 ) -> Result<Vec<u32>> {
-    let corpus = corpus::ingest(path, options)?;
     let selects_keys = train.soft_prompt.is_none() && train.init.starts_with("selected");
     if let (true, Some(template)) = (selects_keys, &loaded.chat_template) {
-        let context = CorpusContext::new(&corpus, &loaded.tokenizer, description)?;
+        let context = CorpusContext::new(corpus, &loaded.tokenizer, description)?;
         let system = context.system_message(context.tokens(), &loaded.tokenizer)?;
         return Ok(system_ids(template, &loaded.tokenizer, &system)?);
     }
