@@ -1,6 +1,6 @@
 //! `cartridge build` end to end on the real default model (tiny settings): corpus -> dataset ->
 //! trained .cart that verifies, loads and generates; `train` refuses corpus initialisation without
-//! the corpus.
+//! the corpus, and continues the built cartridge with `--init-from`.
 //!
 //! Needs the default model (`scripts/fetch-model.sh`); without it the test prints a note and
 //! passes, except under CI (`CI` set), where a missing model is a failure.
@@ -108,6 +108,48 @@ fn build_writes_a_cartridge_that_serves() {
     ]);
     assert_ne!(t.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&t.stderr).contains("--corpus"));
+
+    // --init-from continues the built cartridge (no corpus needed; its size sets --tokens), and
+    // refuses to read it as a soft prompt.
+    let data = dir.path().join("harbor.data");
+    let more = dir.path().join("more.cart");
+    let continue_with = |extra: &[&str]| {
+        let mut a = vec![
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            more.to_str().unwrap(),
+            "--init-from",
+            o,
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--micro-batch",
+            "2",
+            "--eval-conversations",
+            "1",
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        cartridge(&a)
+    };
+    let t = continue_with(&[]);
+    assert_eq!(
+        t.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&t.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&t.stdout).unwrap();
+    assert_eq!(s["steps"], 1);
+    let i = cartridge(&["inspect", "--json", more.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&i.stdout).unwrap();
+    assert_eq!(v[0]["dims"]["tokens"], 16);
+    let t = continue_with(&["--soft-prompt", "4"]);
+    assert_ne!(t.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&t.stderr).contains("is a KV cartridge"));
 
     // The selected keys are cut from the teacher's context, the system message the chat template
     // renders around the corpus: the frozen slot 0 is its first token, `<|im_start|>`, not the

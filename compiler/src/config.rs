@@ -8,7 +8,7 @@ use cartridge_formats::cart::Compression;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::init::InitKind;
+use crate::init::{InitKind, InitialParams};
 use crate::objective::Objective;
 use crate::optim::AdamParams;
 use crate::schedule::Schedule;
@@ -174,6 +174,8 @@ pub struct RunOptions {
     pub metrics_path: Option<PathBuf>,
     /// Compression of the written `.cart`.
     pub compression: Compression,
+    /// The start of a [`InitKind::Given`] run.
+    pub initial: Option<InitialParams>,
 }
 
 impl Default for RunOptions {
@@ -185,6 +187,7 @@ impl Default for RunOptions {
             checkpoint_path: None,
             metrics_path: None,
             compression: Compression::None,
+            initial: None,
         }
     }
 }

@@ -45,6 +45,19 @@ pub enum InitKind {
     /// [`InitKind::SelectedFitted`] with the keys then refined by gradient descent against the
     /// value fit's observers, the fitted values held ([`crate::key_fit`]).
     SelectedRefined,
+    /// Parameters the caller made before and passes in [`crate::RunOptions::initial`]: a
+    /// cartridge or soft prompt to train further, or an expensive start computed once and
+    /// reused (the CLI's `--init-from F.cart`).
+    Given,
+}
+
+/// The parameters a [`InitKind::Given`] run starts from.
+#[derive(Debug, Clone)]
+pub enum InitialParams {
+    /// A KV cartridge of the run's `p` slots.
+    Kv(PrefixKv),
+    /// Soft-prompt embeddings `[n, hidden]`.
+    SoftPrompt(Tensor),
 }
 
 /// Windows drawn by [`InitKind::SampledChunks`].
@@ -162,6 +175,7 @@ pub fn init_kv(
             };
             select_corpus_kv(model, p, ids, fit)
         }
+        InitKind::Given => Err(given_elsewhere()),
         InitKind::RandomVectors => {
             let probe = model.prefix_kv(None, &random_ids(&mut rng, SCALE_PROBE_TOKENS, vocab))?;
             let layers = probe
@@ -177,6 +191,10 @@ pub fn init_kv(
             Ok(PrefixKv::new(layers)?)
         }
     }
+}
+
+fn given_elsewhere() -> Error {
+    Error::Config("a given start comes with the run (RunOptions::initial), not from init".into())
 }
 
 /// What [`select_corpus_kv`] fits to the selected keys.
@@ -444,6 +462,7 @@ pub fn init_soft_prompt(
         | InitKind::SelectedFitted
         | InitKind::SelectedRefined => rows(text_ids(corpus_ids, n, "a soft prompt")?),
         InitKind::RandomText => rows(&random_ids(&mut rng, n, vocab)),
+        InitKind::Given => Err(given_elsewhere()),
         InitKind::SampledChunks => rows(&sampled_ids(&mut rng, corpus_ids, n, "a soft prompt")?),
         InitKind::RandomVectors => {
             let hidden = model.config().hidden_size;

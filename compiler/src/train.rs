@@ -22,7 +22,7 @@ use crate::config::{ArtifactKind, RunOptions, TrainConfig};
 use crate::data::{self, Example, PromptSummary};
 use crate::error::{Error, Result};
 use crate::eval::{self, EvalPoint};
-use crate::init::{init_kv, init_soft_prompt};
+use crate::init::{init_kv, init_soft_prompt, InitKind, InitialParams};
 use crate::metrics::MetricsLog;
 use crate::objective::{loss_sum, Batch};
 use crate::optim::Adam;
@@ -241,6 +241,72 @@ pub fn step_gradients(
     Ok((grads, loss, tokens))
 }
 
+/// The parameters a run starts from: computed by `cfg.init`, or the caller's `given` start
+/// ([`InitKind::Given`]), checked against the run's kind and size and the model's shapes. They
+/// are f32 whatever the compute precision (the master copy).
+fn initial_params(
+    cfg: &TrainConfig,
+    net: &Transformer,
+    corpus_ids: Option<&[u32]>,
+    given: Option<&InitialParams>,
+) -> Result<Params> {
+    let mc = net.config();
+    let mismatch = |what: String| Err(Error::Config(format!("the given start {what}")));
+    match (cfg.artifact, cfg.init, given) {
+        (_, InitKind::Given, None) => Err(Error::Config(
+            "init is `given` but the run was given no start".into(),
+        )),
+        (_, kind, Some(_)) if kind != InitKind::Given => Err(Error::Config(format!(
+            "a start was given, but init is {kind:?}"
+        ))),
+        (ArtifactKind::Kv, _, Some(InitialParams::Kv(kv))) => {
+            if kv.len() != cfg.tokens {
+                return mismatch(format!("has {} slots, the run {}", kv.len(), cfg.tokens));
+            }
+            if kv.num_layers() != mc.num_layers {
+                return mismatch(format!(
+                    "has {} layers, the model {}",
+                    kv.num_layers(),
+                    mc.num_layers
+                ));
+            }
+            let want = [mc.num_kv_heads, cfg.tokens, mc.head_dim];
+            for (k, v) in kv.layers() {
+                if k.dims() != want || v.dims() != want {
+                    return mismatch(format!(
+                        "has keys {:?} and values {:?}, the model needs {want:?}",
+                        k.dims(),
+                        v.dims()
+                    ));
+                }
+            }
+            let kv = kv.to_device(net.device())?.to_dtype(DType::F32)?;
+            Ok(Params::Kv(KvParams::new(&kv, cfg.frozen_tokens)?))
+        }
+        (ArtifactKind::SoftPrompt, _, Some(InitialParams::SoftPrompt(e))) => {
+            let want = [cfg.tokens, mc.hidden_size];
+            if e.dims() != want {
+                return mismatch(format!("is {:?}, the run needs {want:?}", e.dims()));
+            }
+            let e = e.to_device(net.device())?.to_dtype(DType::F32)?;
+            Ok(Params::Soft(SoftParams::new(&e)?))
+        }
+        (ArtifactKind::Kv, _, Some(InitialParams::SoftPrompt(_))) => {
+            mismatch("is a soft prompt, the run trains a KV cartridge".into())
+        }
+        (ArtifactKind::SoftPrompt, _, Some(InitialParams::Kv(_))) => {
+            mismatch("is a KV cartridge, the run trains a soft prompt".into())
+        }
+        (ArtifactKind::Kv, kind, None) => Ok(Params::Kv(KvParams::new(
+            &init_kv(net, cfg.tokens, kind, corpus_ids, cfg.seed)?.to_dtype(DType::F32)?,
+            cfg.frozen_tokens,
+        )?)),
+        (ArtifactKind::SoftPrompt, kind, None) => Ok(Params::Soft(SoftParams::new(
+            &init_soft_prompt(net, cfg.tokens, kind, corpus_ids, cfg.seed)?,
+        )?)),
+    }
+}
+
 /// Train `cfg.artifact` for `model` on `data` and write it to `out`.
 ///
 /// `corpus_ids` are the corpus's tokens for [`crate::InitKind::CorpusText`] (the first
@@ -320,16 +386,7 @@ pub fn train(
         .max_steps
         .unwrap_or_else(|| (cfg.epochs * train_ex.len()).div_ceil(cfg.batch_size));
 
-    let mut params = match cfg.artifact {
-        // The parameters are f32 whatever the compute precision (the master copy).
-        ArtifactKind::Kv => Params::Kv(KvParams::new(
-            &init_kv(net, cfg.tokens, cfg.init, corpus_ids, cfg.seed)?.to_dtype(DType::F32)?,
-            cfg.frozen_tokens,
-        )?),
-        ArtifactKind::SoftPrompt => Params::Soft(SoftParams::new(&init_soft_prompt(
-            net, cfg.tokens, cfg.init, corpus_ids, cfg.seed,
-        )?)?),
-    };
+    let mut params = initial_params(cfg, net, corpus_ids, opts.initial.as_ref())?;
     let vars = params.vars();
     let mut adam = Adam::new(vars.clone(), cfg.adam)?;
     let ckpt_path = opts

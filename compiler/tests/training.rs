@@ -9,7 +9,8 @@ use candle_core::{Device, Tensor};
 use cartridge_compiler::data::Example;
 use cartridge_compiler::objective::{loss_sum, Batch};
 use cartridge_compiler::{
-    train, ArtifactKind, Objective, Progress, RunOptions, TrainConfig, TrainSummary,
+    train, ArtifactKind, InitKind, InitialParams, Objective, Progress, RunOptions, TrainConfig,
+    TrainSummary,
 };
 use cartridge_runtime::cartridge_file::{load_cartridge, load_soft_prompt};
 use cartridge_runtime::models::Logits;
@@ -231,6 +232,96 @@ fn resumed_run_writes_the_same_bytes() {
     )
     .expect_err("settings differ");
     assert!(err.to_string().contains("other training settings"), "{err}");
+}
+
+/// `run`, returning the error.
+fn run_err(cfg: &TrainConfig, out: &std::path::Path, opts: &RunOptions) -> String {
+    let (model, fp) = tiny_model(11, "model-a");
+    let data = toy_data(&model, 16, 8);
+    let model_ref = cartridge_compiler::ModelRef {
+        transformer: &model,
+        fingerprint: &fp,
+    };
+    train(
+        cfg,
+        model_ref,
+        &data,
+        Some(&corpus()),
+        out,
+        opts,
+        &mut |_| {},
+    )
+    .expect_err("the run is refused")
+    .to_string()
+}
+
+#[test]
+fn given_start_continues_a_trained_cartridge() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first.cart");
+    let c = TrainConfig {
+        max_steps: Some(5),
+        eval_every: 0,
+        ..cfg()
+    };
+    let (s, _) = run(&c, &first, &opts());
+    let trained = s.final_eval.expect("final eval").loss;
+    let (_, fp) = tiny_model(11, "model-a");
+    let kv = load_cartridge(&first, &fp, &Device::Cpu).unwrap();
+    let given = |kv: cartridge_runtime::PrefixKv| RunOptions {
+        initial: Some(InitialParams::Kv(kv)),
+        ..opts()
+    };
+    let continued = TrainConfig {
+        init: InitKind::Given,
+        ..c.clone()
+    };
+
+    // No steps: the given cartridge is evaluated and written back unchanged.
+    let same = dir.path().join("same.cart");
+    let untrained = TrainConfig {
+        max_steps: Some(0),
+        ..continued.clone()
+    };
+    let (s0, _) = run(&untrained, &same, &given(kv.clone()));
+    assert_eq!(s0.first_eval.expect("eval").loss, trained);
+    let back = load_cartridge(&same, &fp, &Device::Cpu).unwrap();
+    for ((a, b), (c, d)) in back.layers().iter().zip(kv.layers()) {
+        for (x, y) in [(a, c), (b, d)] {
+            let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(x, y);
+        }
+    }
+
+    // Five more steps go on from there.
+    let (s5, _) = run(
+        &continued,
+        &dir.path().join("more.cart"),
+        &given(kv.clone()),
+    );
+    assert!(
+        s5.final_eval.unwrap().loss < trained,
+        "continuing did not lower the held-out loss below {trained}"
+    );
+
+    // Refused: a given kind without a start, a start under another kind, a start of another
+    // size or kind.
+    let out = dir.path().join("refused.cart");
+    assert!(run_err(&continued, &out, &opts()).contains("no start"));
+    assert!(run_err(&c, &out, &given(kv.clone())).contains("init is"));
+    let smaller = TrainConfig {
+        tokens: 6,
+        ..continued.clone()
+    };
+    assert!(run_err(&smaller, &out, &given(kv.clone())).contains("has 8 slots, the run 6"));
+    let soft = RunOptions {
+        initial: Some(InitialParams::SoftPrompt(
+            Tensor::zeros((8, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        )),
+        ..opts()
+    };
+    assert!(run_err(&continued, &out, &soft).contains("is a soft prompt"));
 }
 
 #[test]

@@ -122,7 +122,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let trained = run_training(
         &train_config,
-        &args.train.run_options(args.resume),
+        &args.train.run_options(args.resume, &loaded)?,
         &loaded,
         &training_data(&data, prompt_summary)?,
         corpus_ids.as_deref(),

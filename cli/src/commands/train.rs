@@ -6,12 +6,13 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use cartridge_compiler::{
-    ArtifactKind, ComputeDtype, InitKind, Objective, Progress as TrainProgress, PromptSummary,
-    RunOptions, Schedule, TrainConfig, TrainData, TrainSummary,
+    ArtifactKind, ComputeDtype, InitKind, InitialParams, Objective, Progress as TrainProgress,
+    PromptSummary, RunOptions, Schedule, TrainConfig, TrainData, TrainSummary,
 };
 use cartridge_eval::corpus_context::{manifest_description, system_ids, CorpusContext};
-use cartridge_formats::cart::Compression;
+use cartridge_formats::cart::{CartFile, Compression, Dims};
 use cartridge_formats::dataset::{Dataset, ReadOptions};
+use cartridge_runtime::cartridge_file::{load_cartridge, load_soft_prompt};
 use cartridge_runtime::loader::LoadedModel;
 use cartridge_selfstudy::corpus::{self, Corpus, IngestOptions};
 use cartridge_selfstudy::local::LocalBackend;
@@ -52,6 +53,12 @@ pub struct TrainArgs {
     /// random-text, random-vectors, sampled-chunks.
     #[arg(long, default_value = "selected-keys", value_parser = ["corpus", "selected-keys", "selected-fitted", "selected-refined", "random-text", "random-vectors", "sampled-chunks"])]
     pub init: String,
+    /// Start from this .cart instead of --init: a cartridge (or soft prompt) made before for the
+    /// same model, to train further, or an expensive start computed once (`--init
+    /// selected-refined --max-steps 0`) and reused by several runs. Its size and kind replace
+    /// --tokens and --soft-prompt.
+    #[arg(long, value_name = "F.cart", conflicts_with = "init")]
+    pub init_from: Option<PathBuf>,
     /// Loss: distill (teacher top-k) or tokens (next-token prediction, for ablations).
     #[arg(long, default_value = "distill", value_parser = ["distill", "tokens"])]
     pub objective: String,
@@ -99,24 +106,67 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    /// How the run writes and resumes: `--compress`, and `resume`.
-    pub fn run_options(&self, resume: bool) -> RunOptions {
-        RunOptions {
+    /// How the run starts, writes and resumes: `--init-from` (checked against `loaded`),
+    /// `--compress`, and `resume`.
+    pub fn run_options(&self, resume: bool, loaded: &LoadedModel) -> Result<RunOptions> {
+        let initial = match &self.init_from {
+            None => None,
+            Some(path) => {
+                let (fp, device) = (&loaded.fingerprint, &loaded.device);
+                let read = || format!("reading the start {}", path.display());
+                Some(match self.init_from_dims()? {
+                    Dims::Kv(_) => {
+                        InitialParams::Kv(load_cartridge(path, fp, device).with_context(read)?)
+                    }
+                    Dims::SoftPrompt(_) => {
+                        let soft = load_soft_prompt(path, fp, device).with_context(read)?;
+                        if soft.summary.is_some() {
+                            bail!(
+                                "{} is a soft prompt with a summary; --init-from takes a \
+                                 cartridge or a soft prompt without one",
+                                path.display()
+                            );
+                        }
+                        InitialParams::SoftPrompt(soft.embeddings)
+                    }
+                })
+            }
+        };
+        Ok(RunOptions {
             resume,
             compression: if self.compress {
                 Compression::Zstd
             } else {
                 Compression::None
             },
+            initial,
             ..RunOptions::default()
-        }
+        })
+    }
+
+    /// The dimensions in the header of the `--init-from` file (read, not yet verified).
+    fn init_from_dims(&self) -> Result<Dims> {
+        let path = self.init_from.as_deref().context("no --init-from file")?;
+        let file = CartFile::open(path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(file.header().dims)
     }
 
     /// The trainer's configuration, computing in `compute_dtype` (the model's `--dtype`).
     pub fn config(&self, compute_dtype: ComputeDtype) -> Result<TrainConfig> {
-        let (artifact, tokens) = match self.soft_prompt {
-            Some(n) => (ArtifactKind::SoftPrompt, n),
-            None => (ArtifactKind::Kv, self.tokens),
+        let (artifact, tokens) = match (&self.init_from, self.soft_prompt) {
+            (Some(_), _) if self.summary => {
+                bail!("--init-from does not combine with --summary")
+            }
+            (Some(path), soft) => match (self.init_from_dims()?, soft) {
+                (Dims::Kv(_), Some(_)) => bail!(
+                    "--soft-prompt asks for a soft prompt, but {} is a KV cartridge",
+                    path.display()
+                ),
+                (Dims::Kv(d), None) => (ArtifactKind::Kv, d.tokens as usize),
+                (Dims::SoftPrompt(d), _) => (ArtifactKind::SoftPrompt, d.tokens as usize),
+            },
+            (None, Some(n)) => (ArtifactKind::SoftPrompt, n),
+            (None, None) => (ArtifactKind::Kv, self.tokens),
         };
         if tokens == 0 {
             bail!("the cartridge needs at least one token");
@@ -126,6 +176,7 @@ impl TrainArgs {
             tokens,
             frozen_tokens: self.frozen_tokens,
             init: match self.init.as_str() {
+                _ if self.init_from.is_some() => InitKind::Given,
                 "random-text" => InitKind::RandomText,
                 "random-vectors" => InitKind::RandomVectors,
                 "sampled-chunks" => InitKind::SampledChunks,
@@ -165,14 +216,15 @@ impl TrainArgs {
     /// Whether the initialisation or the summary reads the corpus text.
     pub fn needs_corpus(&self) -> bool {
         self.summary
-            || matches!(
-                self.init.as_str(),
-                "corpus"
-                    | "sampled-chunks"
-                    | "selected-keys"
-                    | "selected-fitted"
-                    | "selected-refined"
-            )
+            || self.init_from.is_none()
+                && matches!(
+                    self.init.as_str(),
+                    "corpus"
+                        | "sampled-chunks"
+                        | "selected-keys"
+                        | "selected-fitted"
+                        | "selected-refined"
+                )
     }
 
     /// With `--summary`: the model's summary of `corpus`, written by `backend` (the teacher).
@@ -265,7 +317,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let summary = run_training(
         &args.train.config(args.model.training_dtype())?,
-        &args.train.run_options(args.resume),
+        &args.train.run_options(args.resume, &loaded)?,
         &loaded,
         &training_data(&args.data, prompt_summary)?,
         corpus_ids.as_deref(),
