@@ -75,17 +75,27 @@ impl Example {
     }
 
     /// The teacher's loss against itself on this example: `-sum_k exp(t_k) t_k` summed over
-    /// targets (the floor the distillation loss is compared with).
-    pub fn teacher_self_loss(&self) -> f64 {
+    /// targets (the floor the distillation loss is compared with); `with_tail` adds each row's
+    /// `-r log r` for the mass `r` outside its top-k (`Objective::DistillTail`'s floor).
+    pub fn teacher_self_loss(&self, with_tail: bool) -> f64 {
+        let per_row = self.k.max(1);
         self.topk_logprobs
-            .iter()
-            .map(|&t| {
-                let t = f64::from(t);
-                if t.is_finite() {
-                    -t.exp() * t
-                } else {
-                    0.0
+            .chunks(per_row)
+            .map(|row| {
+                let mut loss = 0.0;
+                let mut mass = 0.0;
+                for &t in row {
+                    let t = f64::from(t);
+                    if t.is_finite() {
+                        loss -= t.exp() * t;
+                        mass += t.exp();
+                    }
                 }
+                let r = 1.0 - mass;
+                if with_tail && r > 0.0 {
+                    loss -= r * r.ln();
+                }
+                loss
             })
             .sum()
     }

@@ -35,10 +35,15 @@ pub fn mean_loss(
     })
 }
 
-/// The teacher's own mean loss against its top-k on `examples` (`-sum exp(t) t` per target).
-pub fn teacher_floor(examples: &[&Example]) -> f64 {
+/// The teacher's own mean loss against its top-k on `examples` (`-sum exp(t) t` per target, and
+/// the tail class's `-r log r` under [`Objective::DistillTail`]).
+pub fn teacher_floor(examples: &[&Example], objective: Objective) -> f64 {
     let targets: usize = examples.iter().map(|e| e.num_targets()).sum();
-    let sum: f64 = examples.iter().map(|e| e.teacher_self_loss()).sum();
+    let with_tail = objective == Objective::DistillTail;
+    let sum: f64 = examples
+        .iter()
+        .map(|e| e.teacher_self_loss(with_tail))
+        .sum();
     if targets == 0 {
         f64::NAN
     } else {

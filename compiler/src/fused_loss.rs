@@ -4,7 +4,11 @@
 //!
 //! Per target row `r` with hidden state `h_r`, logits `z = W h_r`, weights `w_k` on ids `i_k` and
 //! `s = sum_k w_k`: `loss_r = s * lse(z) - sum_k w_k z[i_k]`, and
-//! `d loss_r / d h_r = W^T (s * softmax(z) - sum_k w_k e_{i_k})`. The loss is the last op of the
+//! `d loss_r / d h_r = W^T (s * softmax(z) - sum_k w_k e_{i_k})`. With a tail mass `t` (the
+//! teacher's probability outside its top-k, `Objective::DistillTail`), the rest of the vocabulary
+//! is one more class: `loss_r += t * (lse(z) - log sum_{j not in top-k} exp(z_j))`, adding
+//! `t * softmax(z) - t * exp(z_j) / sum_{j not in top-k} exp(z_j)` (on the rest) to the
+//! logits' gradient. The loss is the last op of the
 //! graph and only scales each row, so the forward computes both over blocks of rows (one
 //! `[block, vocab]` buffer at a time) and keeps the `[m, hidden]` unit gradient; the backward only
 //! multiplies it by the incoming per-row gradient. Autograd would instead keep several
@@ -29,6 +33,8 @@ pub struct FusedTopkLoss {
     pub weights: Tensor,
     /// `[m]` weight sums, same dtype.
     pub weight_sums: Tensor,
+    /// `[m]` the teacher's mass outside each row's top-k, same dtype (`None`: no tail class).
+    pub tail: Option<Tensor>,
     /// Whether to compute the unit gradient (false for evaluation: half the work).
     pub with_grad: bool,
     grad: Arc<Mutex<Option<Tensor>>>,
@@ -41,6 +47,7 @@ impl FusedTopkLoss {
         ids: Tensor,
         weights: Tensor,
         weight_sums: Tensor,
+        tail: Option<Tensor>,
         with_grad: bool,
     ) -> Self {
         Self {
@@ -48,6 +55,7 @@ impl FusedTopkLoss {
             ids,
             weights,
             weight_sums,
+            tail,
             with_grad,
             grad: Arc::new(Mutex::new(None)),
         }
@@ -60,6 +68,7 @@ impl FusedTopkLoss {
             &self.ids,
             &self.weights,
             &self.weight_sums,
+            self.tail.as_ref(),
             x,
             self.with_grad,
         )
@@ -75,6 +84,7 @@ fn blockwise(
     ids: &Tensor,
     weights: &Tensor,
     weight_sums: &Tensor,
+    tail: Option<&Tensor>,
     x: &Tensor,
     with_grad: bool,
 ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
@@ -95,13 +105,42 @@ fn blockwise(
         let sum = e.sum_keepdim(D::Minus1)?;
         let lse = (sum.log()? + &max)?.squeeze(1)?;
         let picked = (z.gather(&ids, 1)? * &w)?.sum(1)?;
-        losses.push(((lse * &s)? - picked)?);
+        let mut loss = ((&lse * &s)? - picked)?;
+        // The rest of the vocabulary: `e` with the top-k columns zeroed (each exactly, `e - e`;
+        // weight-0 columns pad narrower rows and are not the teacher's), and its sum.
+        let rest = match tail {
+            Some(t) => {
+                let t = t.narrow(0, start, len)?;
+                let in_topk = w.gt(0.0)?.to_dtype(acc)?;
+                let e_rest = e.scatter_add(&ids, &(e.gather(&ids, 1)? * in_topk)?.neg()?, 1)?;
+                let rest_sum = e_rest.sum_keepdim(D::Minus1)?;
+                let floor = if acc == DType::F64 {
+                    f64::MIN_POSITIVE
+                } else {
+                    f64::from(f32::MIN_POSITIVE)
+                };
+                let rest_sum = rest_sum.clamp(floor, f64::INFINITY)?;
+                let log_rest = (rest_sum.log()? + &max)?.squeeze(1)?;
+                loss = (loss + ((&lse - log_rest)? * &t)?)?;
+                Some((t, e_rest, rest_sum))
+            }
+            None => None,
+        };
+        losses.push(loss);
         start += len;
         if !with_grad {
             continue;
         }
-        // s * softmax(z) - scatter(w): built in place of `e`.
-        let p = e.broadcast_div(&sum)?.broadcast_mul(&s.unsqueeze(1)?)?;
+        // (s + t) * softmax(z) - scatter(w) - t * e_rest / rest_sum.
+        let mass = match &rest {
+            Some((t, _, _)) => (&s + t)?,
+            None => s.clone(),
+        };
+        let mut p = e.broadcast_div(&sum)?.broadcast_mul(&mass.unsqueeze(1)?)?;
+        if let Some((t, e_rest, rest_sum)) = &rest {
+            let scale = t.unsqueeze(1)?.broadcast_div(rest_sum)?;
+            p = (p - e_rest.broadcast_mul(&scale)?)?;
+        }
         let dz = p.scatter_add(&ids, &w.neg()?, 1)?;
         grads.push(lm_head.gw(&dz.to_dtype(lm_head.weight().dtype())?)?);
     }
@@ -133,16 +172,22 @@ pub fn blockwise_loss_sum(
     ids: &Tensor,
     weights: &Tensor,
     weight_sums: &Tensor,
+    tail: Option<&Tensor>,
     rows: &Tensor,
 ) -> candle_core::Result<Tensor> {
     let acc = accumulation_dtype(rows.dtype());
     let with_grad = rows.track_op();
     let detached = rows.detach();
+    let tail = match tail {
+        Some(t) => Some(t.to_dtype(acc)?),
+        None => None,
+    };
     let (losses, grad) = blockwise(
         &LinearProducts::plain(lm_head.clone()),
         ids,
         &weights.to_dtype(acc)?,
         &weight_sums.to_dtype(acc)?,
+        tail.as_ref(),
         &detached,
         with_grad,
     )?;
@@ -204,5 +249,64 @@ impl CustomOp1 for FusedTopkLoss {
             .and_then(|g| g.clone())
             .ok_or_else(|| candle_core::Error::Msg("fused-topk-loss: no forward ran".into()))?;
         Ok(Some(g.broadcast_mul(&grad_res.unsqueeze(1)?)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The tail class by hand: `-(sum_k w_k log q_k + r log(1 - sum_k q_k))` over a 5-token
+    /// vocabulary, and its gradient against central differences of that formula.
+    #[test]
+    fn tail_class_is_the_cross_entropy_over_k_plus_one_classes() {
+        let dev = Device::Cpu;
+        let w_head = [0.3, -1.2, 0.8, 0.1, -0.4, 1.5, 0.0, 0.7, -0.9, 0.2];
+        let head = Tensor::from_slice(&w_head, (5, 2), &dev).unwrap();
+        let ids = Tensor::from_slice(&[1u32, 3], (1, 2), &dev).unwrap();
+        let (w, r) = ([0.5f64, 0.2], 0.3f64);
+        let weights = Tensor::from_slice(&w, (1, 2), &dev).unwrap();
+        let sums = Tensor::from_slice(&[0.7f64], 1, &dev).unwrap();
+        let tail = Tensor::from_slice(&[r], 1, &dev).unwrap();
+        let by_hand = |h: [f64; 2]| {
+            let z: Vec<f64> = (0..5)
+                .map(|v| w_head[2 * v] * h[0] + w_head[2 * v + 1] * h[1])
+                .collect();
+            let total: f64 = z.iter().map(|x| x.exp()).sum();
+            let q = |v: usize| z[v].exp() / total;
+            -(w[0] * q(1).ln() + w[1] * q(3).ln() + r * (1.0 - q(1) - q(3)).ln())
+        };
+        let h = [0.6, -0.35];
+        let x = Tensor::from_slice(&h, (1, 2), &dev).unwrap();
+        let (loss, grad) = blockwise(
+            &LinearProducts::plain(head),
+            &ids,
+            &weights,
+            &sums,
+            Some(&tail),
+            &x,
+            true,
+        )
+        .unwrap();
+        let loss = loss.to_vec1::<f64>().unwrap()[0];
+        assert!(
+            (loss - by_hand(h)).abs() < 1e-12,
+            "{loss} vs {}",
+            by_hand(h)
+        );
+        let grad = grad
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        for (i, g) in grad.iter().enumerate() {
+            let (mut up, mut down) = (h, h);
+            up[i] += 1e-6;
+            down[i] -= 1e-6;
+            let fd = (by_hand(up) - by_hand(down)) / 2e-6;
+            assert!((g - fd).abs() < 1e-8, "d/dh{i}: {g} vs {fd}");
+        }
     }
 }

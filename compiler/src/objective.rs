@@ -1,7 +1,14 @@
 //! The training objective on a batch of examples (Eyuboglu et al. 2025, §4: context distillation
 //! against the teacher's top-k; DESIGN.md §5):
 //!
-//! - `distill`: `-sum_k exp(t_k) * log_softmax(student)[id_k]` summed over target tokens;
+//! - `distill`: `-sum_k exp(t_k) * log_softmax(student)[id_k]` summed over target tokens (the
+//!   reference trainer's loss);
+//! - `distill-tail`: `distill` plus `-r * log(1 - sum_k softmax(student)[id_k])`, with
+//!   `r = 1 - sum_k exp(t_k)` the teacher's probability outside its top-k: the cross-entropy over
+//!   `k + 1` classes, the rest of the vocabulary being the last. `distill`'s minimum puts all of
+//!   the student's mass on the teacher's top-k, so every token outside it (a terse answer's
+//!   first word where the teacher starts a sentence) is pushed towards zero; this one keeps the
+//!   teacher's share there;
 //! - `tokens`: next-token cross-entropy `-log_softmax(student)[next]` (ablation).
 //!
 //! Both are the same computation with different `(ids, weights)`: `tokens` is `k = 1`, weight 1.
@@ -30,6 +37,9 @@ pub enum Objective {
     /// Cross-entropy against the teacher's top-k probabilities.
     #[default]
     Distill,
+    /// [`Objective::Distill`] with the teacher's remaining mass (outside its top-k) as one more
+    /// class.
+    DistillTail,
     /// Plain next-token prediction on the recorded tokens.
     Tokens,
 }
@@ -54,6 +64,9 @@ pub struct Batch {
     pub weights: Tensor,
     /// `[m]` sum of each row's weights.
     pub weight_sums: Tensor,
+    /// `[m]` the teacher's mass outside each row's top-k, `max(0, 1 - weight_sum)`
+    /// ([`Objective::DistillTail`] only).
+    pub tail: Option<Tensor>,
     /// Number of target tokens `m`.
     pub targets: usize,
     /// Number of real (unpadded) tokens.
@@ -131,7 +144,9 @@ impl Batch {
             return Err(Error::Data("an empty batch".into()));
         }
         let k = match objective {
-            Objective::Distill => examples.iter().map(|e| e.k).max().unwrap_or(1),
+            Objective::Distill | Objective::DistillTail => {
+                examples.iter().map(|e| e.k).max().unwrap_or(1)
+            }
             Objective::Tokens => 1,
         };
         let mut tokens = vec![0u32; b * t];
@@ -154,7 +169,7 @@ impl Batch {
                             w.push(1f32);
                             wsum.push(1f32);
                         }
-                        Objective::Distill => {
+                        Objective::Distill | Objective::DistillTail => {
                             let mut s = 0f32;
                             for j in 0..k {
                                 // Rows narrower than the batch's widest are padded with weight 0.
@@ -180,6 +195,13 @@ impl Batch {
         if m == 0 {
             return Err(Error::Data("a batch without targets".into()));
         }
+        let tail = match objective {
+            Objective::DistillTail => {
+                let r: Vec<f32> = wsum.iter().map(|&s| (1.0 - s).max(0.0)).collect();
+                Some(Tensor::from_vec(r, m, device)?)
+            }
+            _ => None,
+        };
         Ok(Batch {
             tokens: Tensor::from_vec(tokens, (b, t), device)?,
             segments: packed.then_some(segments),
@@ -187,6 +209,7 @@ impl Batch {
             ids: Tensor::from_vec(ids, (m, k), device)?,
             weights: Tensor::from_vec(w, (m, k), device)?,
             weight_sums: Tensor::from_vec(wsum, m, device)?,
+            tail,
             targets: m,
             real_tokens: real,
             slots: b * t,
@@ -225,6 +248,10 @@ pub fn target_loss_sum(model: &Transformer, rows: &Tensor, batch: &Batch) -> Res
             batch.ids.clone(),
             batch.weights.to_dtype(rows.dtype())?,
             batch.weight_sums.to_dtype(rows.dtype())?,
+            match &batch.tail {
+                Some(t) => Some(t.to_dtype(rows.dtype())?),
+                None => None,
+            },
             rows.track_op(),
         );
         return Ok(rows.contiguous()?.apply_op1(op)?.sum_all()?);
@@ -236,6 +263,7 @@ pub fn target_loss_sum(model: &Transformer, rows: &Tensor, batch: &Batch) -> Res
         &batch.ids,
         &batch.weights,
         &batch.weight_sums,
+        batch.tail.as_ref(),
         rows,
     )?)
 }
@@ -260,8 +288,24 @@ pub fn unfused_target_loss_sum(
     let lse = x.exp()?.sum_keepdim(D::Minus1)?.log()?.squeeze(1)?;
     let picked = x.gather(&batch.ids, 1)?;
     let weighted = (picked * &weights)?.sum_all()?;
-    let norm = (lse * &weight_sums)?.sum_all()?;
-    Ok((norm - weighted)?)
+    let norm = (&lse * &weight_sums)?.sum_all()?;
+    let loss = (norm - weighted)?;
+    let Some(tail) = &batch.tail else {
+        return Ok(loss);
+    };
+    // -r log(tail mass) = r (lse - log sum_{j not in top-k} exp(x_j)); the top-k columns (weight
+    // > 0: padding columns are not the teacher's) masked out of the sum.
+    let in_topk = weights.gt(0.0)?.to_dtype(x.dtype())?;
+    let topk_mask = x
+        .zeros_like()?
+        .scatter_add(&batch.ids, &in_topk, 1)?
+        .clamp(0.0, 1.0)?;
+    let rest = (x.exp()? * (1.0 - topk_mask)?)?.sum(1)?;
+    let log_rest = rest
+        .clamp(f64::from(f32::MIN_POSITIVE), f64::INFINITY)?
+        .log()?;
+    let tail = tail.to_dtype(x.dtype())?;
+    Ok((loss + ((lse - log_rest)? * tail)?.sum_all()?)?)
 }
 
 #[cfg(test)]

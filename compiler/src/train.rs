@@ -468,7 +468,7 @@ pub fn train(
                 cfg.micro_batch,
                 cfg.pack_len,
             )?,
-            eval::teacher_floor(&eval_ex),
+            eval::teacher_floor(&eval_ex, objective),
         )
     };
     let evaluate = |params: &Params, step: usize| -> Result<Option<EvalPoint>> {

@@ -1,5 +1,6 @@
 //! Finite-difference check of the full training loss (cartridge -> forward -> gathered target rows
-//! -> LM head -> top-k cross-entropy), in f64 on a tiny model: the analytic gradient of every
+//! -> LM head -> top-k cross-entropy, with and without the tail class), in f64 on a tiny model:
+//! the analytic gradient of every
 //! trainable part must match central differences, and frozen slots must get none.
 
 mod common;
@@ -16,6 +17,12 @@ const EPS: f64 = 1e-5;
 
 #[test]
 fn full_loss_gradient_matches_finite_differences() {
+    for objective in [Objective::Distill, Objective::DistillTail] {
+        full_loss_gradient_matches(objective);
+    }
+}
+
+fn full_loss_gradient_matches(objective: Objective) {
     let (model, _) = tiny_model_dtype(11, "model-a", DType::F64);
     // Teacher top-k from the f32 twin (the same weights): data are data.
     let (model32, _) = tiny_model(11, "model-a");
@@ -26,7 +33,7 @@ fn full_loss_gradient_matches_finite_differences() {
         .map(|r| Example::from_record(r, 1024, VOCAB).unwrap().unwrap())
         .collect();
     let refs: Vec<&Example> = exs.iter().collect();
-    let batch = Batch::new(&refs, Objective::Distill, &Device::Cpu).unwrap();
+    let batch = Batch::new(&refs, objective, &Device::Cpu).unwrap();
     let init = model.prefix_kv(None, &corpus()[..5]).unwrap();
     let params = Params::Kv(KvParams::new(&init, 1).unwrap());
     let vars = params.vars();
@@ -75,13 +82,22 @@ fn full_loss_gradient_matches_finite_differences() {
             "variable {vi}: numeric gradient is zero, bad test"
         );
         let rel = (num / den).sqrt();
-        assert!(rel < 1e-4, "variable {vi}: relative gradient error {rel}");
+        assert!(
+            rel < 1e-4,
+            "{objective:?}, variable {vi}: relative gradient error {rel}"
+        );
     }
 }
 
 /// The fused LM-head + loss op gives the autograd formula's loss and prefix gradients.
 #[test]
 fn fused_loss_matches_autograd() {
+    for objective in [Objective::Distill, Objective::DistillTail] {
+        fused_loss_matches(objective);
+    }
+}
+
+fn fused_loss_matches(objective: Objective) {
     use cartridge_compiler::objective::{target_loss_sum, unfused_target_loss_sum};
     use cartridge_runtime::models::Logits;
     let (model, _) = tiny_model(11, "model-a");
@@ -92,7 +108,7 @@ fn fused_loss_matches_autograd() {
         .map(|r| Example::from_record(r, 1024, VOCAB).unwrap().unwrap())
         .collect();
     let refs: Vec<&Example> = exs.iter().collect();
-    let batch = Batch::new(&refs, Objective::Distill, &Device::Cpu).unwrap();
+    let batch = Batch::new(&refs, objective, &Device::Cpu).unwrap();
     let init = model.prefix_kv(None, &corpus()[..5]).unwrap();
     let params = Params::Kv(KvParams::new(&init, 1).unwrap());
     let vars = params.vars();
@@ -139,13 +155,16 @@ fn fused_loss_matches_autograd() {
     };
     let (lf, gf) = run(true);
     let (lu, gu) = run(false);
-    assert!((lf - lu).abs() <= 1e-5 * lu.abs(), "{lf} vs {lu}");
+    assert!(
+        (lf - lu).abs() <= 1e-5 * lu.abs(),
+        "{objective:?}: {lf} vs {lu}"
+    );
     for (a, b) in gf.iter().zip(&gu) {
         let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
         let den: f32 = b.iter().map(|y| y * y).sum();
         assert!(
             den > 0.0 && (num / den).sqrt() < 1e-4,
-            "rel {}",
+            "{objective:?}: rel {}",
             (num / den).sqrt()
         );
     }

@@ -91,5 +91,5 @@ pub fn kl_to_teacher(
     if targets == 0 {
         return Err(Error::Config("no answer tokens to evaluate on".into()));
     }
-    Ok(sum / targets as f64 - teacher_floor(&refs))
+    Ok(sum / targets as f64 - teacher_floor(&refs, Objective::Distill))
 }

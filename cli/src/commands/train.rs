@@ -59,8 +59,11 @@ pub struct TrainArgs {
     /// --tokens and --soft-prompt.
     #[arg(long, value_name = "F.cart", conflicts_with = "init")]
     pub init_from: Option<PathBuf>,
-    /// Loss: distill (teacher top-k) or tokens (next-token prediction, for ablations).
-    #[arg(long, default_value = "distill", value_parser = ["distill", "tokens"])]
+    /// Loss: distill (cross-entropy against the teacher's top-k, the reference trainer's),
+    /// distill-tail (the same with the teacher's mass outside its top-k as one more class, so
+    /// training does not push every other token towards zero), or tokens (next-token
+    /// prediction, for ablations).
+    #[arg(long, default_value = "distill", value_parser = ["distill", "distill-tail", "tokens"])]
     pub objective: String,
     /// Learning rate (Adam, weight decay 0). The reference trainer uses 2e-2 over long GPU runs;
     /// the default suits the short CPU runs of `build` (BENCHMARKS.md, "Training").
@@ -187,6 +190,7 @@ impl TrainArgs {
             },
             objective: match self.objective.as_str() {
                 "tokens" => Objective::Tokens,
+                "distill-tail" => Objective::DistillTail,
                 _ => Objective::Distill,
             },
             lr: self.lr,
