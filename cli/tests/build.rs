@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::cartridge;
+use common::{cartridge, json_of_success};
 
 #[test]
 fn build_writes_a_cartridge_that_serves() {
@@ -55,13 +55,7 @@ fn build_writes_a_cartridge_that_serves() {
         "1",
         "--json",
     ]);
-    assert_eq!(
-        run.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).expect("summary JSON");
+    let summary = json_of_success(&run);
     assert_eq!(summary["training"]["steps"], 2);
     assert_eq!(summary["synthesis"]["written"], 4);
     let eval = &summary["training"]["final_eval"];
@@ -89,13 +83,7 @@ fn build_writes_a_cartridge_that_serves() {
         "4",
         "--json",
     ]);
-    assert_eq!(
-        gen.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&gen.stderr)
-    );
-    let g: serde_json::Value = serde_json::from_slice(&gen.stdout).unwrap();
+    let g = json_of_success(&gen);
     assert_eq!(g["prefix_tokens"], 16);
 
     // train needs the corpus for corpus initialisation, and says so.
@@ -135,17 +123,8 @@ fn build_writes_a_cartridge_that_serves() {
         a.extend_from_slice(extra);
         cartridge(&a)
     };
-    let t = continue_with(&[]);
-    assert_eq!(
-        t.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&t.stderr)
-    );
-    let s: serde_json::Value = serde_json::from_slice(&t.stdout).unwrap();
-    assert_eq!(s["steps"], 1);
-    let i = cartridge(&["inspect", "--json", more.to_str().unwrap()]);
-    let v: serde_json::Value = serde_json::from_slice(&i.stdout).unwrap();
+    assert_eq!(json_of_success(&continue_with(&[]))["steps"], 1);
+    let v = json_of_success(&cartridge(&["inspect", "--json", more.to_str().unwrap()]));
     assert_eq!(v[0]["dims"]["tokens"], 16);
     let t = continue_with(&["--soft-prompt", "4"]);
     assert_ne!(t.status.code(), Some(0));

@@ -15,6 +15,17 @@ pub fn cartridge(args: &[&str]) -> Output {
         .expect("run cartridge")
 }
 
+/// The JSON a successful `--json` run printed on stdout; fails the test with its stderr otherwise.
+pub fn json_of_success(out: &Output) -> serde_json::Value {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
 /// The default model's path, or `None` (with a note) when it is absent outside CI.
 pub fn model_path() -> Option<PathBuf> {
     let path = loader::default_model_path().ok()?;
