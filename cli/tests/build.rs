@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{cartridge, json_of_success};
+use common::{cartridge, ok_json};
 
 #[test]
 fn build_writes_a_cartridge_that_serves() {
@@ -55,7 +55,7 @@ fn build_writes_a_cartridge_that_serves() {
         "1",
         "--json",
     ]);
-    let summary = json_of_success(&run);
+    let summary = ok_json(&run);
     assert_eq!(summary["training"]["steps"], 2);
     assert_eq!(summary["synthesis"]["written"], 4);
     let eval = &summary["training"]["final_eval"];
@@ -83,7 +83,7 @@ fn build_writes_a_cartridge_that_serves() {
         "4",
         "--json",
     ]);
-    let g = json_of_success(&gen);
+    let g = ok_json(&gen);
     assert_eq!(g["prefix_tokens"], 16);
 
     // train needs the corpus for corpus initialisation, and says so.
@@ -123,8 +123,8 @@ fn build_writes_a_cartridge_that_serves() {
         a.extend_from_slice(extra);
         cartridge(&a)
     };
-    assert_eq!(json_of_success(&continue_with(&[]))["steps"], 1);
-    let v = json_of_success(&cartridge(&["inspect", "--json", more.to_str().unwrap()]));
+    assert_eq!(ok_json(&continue_with(&[]))["steps"], 1);
+    let v = ok_json(&cartridge(&["inspect", "--json", more.to_str().unwrap()]));
     assert_eq!(v[0]["dims"]["tokens"], 16);
     let t = continue_with(&["--soft-prompt", "4"]);
     assert_ne!(t.status.code(), Some(0));

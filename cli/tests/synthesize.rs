@@ -7,19 +7,8 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Output;
 
-use common::cartridge;
-
-fn ok_json(out: &Output) -> serde_json::Value {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
-}
+use common::{cartridge, ok_json};
 
 const SMALL: &[&str] = &[
     "--batch",

@@ -33,8 +33,9 @@ pub struct FusedTopkLoss {
     pub weights: Tensor,
     /// `[m]` weight sums, same dtype.
     pub weight_sums: Tensor,
-    /// `[m]` the teacher's mass outside each row's top-k, same dtype (`None`: no tail class).
-    pub tail: Option<Tensor>,
+    /// Whether the teacher's mass outside each row's top-k, `max(0, 1 - weight_sum)`, is one
+    /// more class.
+    pub tail_class: bool,
     /// Whether to compute the unit gradient (false for evaluation: half the work).
     pub with_grad: bool,
     grad: Arc<Mutex<Option<Tensor>>>,
@@ -47,7 +48,7 @@ impl FusedTopkLoss {
         ids: Tensor,
         weights: Tensor,
         weight_sums: Tensor,
-        tail: Option<Tensor>,
+        tail_class: bool,
         with_grad: bool,
     ) -> Self {
         Self {
@@ -55,7 +56,7 @@ impl FusedTopkLoss {
             ids,
             weights,
             weight_sums,
-            tail,
+            tail_class,
             with_grad,
             grad: Arc::new(Mutex::new(None)),
         }
@@ -68,7 +69,7 @@ impl FusedTopkLoss {
             &self.ids,
             &self.weights,
             &self.weight_sums,
-            self.tail.as_ref(),
+            self.tail_class,
             x,
             self.with_grad,
         )
@@ -84,7 +85,7 @@ fn blockwise(
     ids: &Tensor,
     weights: &Tensor,
     weight_sums: &Tensor,
-    tail: Option<&Tensor>,
+    tail_class: bool,
     x: &Tensor,
     with_grad: bool,
 ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
@@ -108,23 +109,22 @@ fn blockwise(
         let mut loss = ((&lse * &s)? - picked)?;
         // The rest of the vocabulary: `e` with the top-k columns zeroed (each exactly, `e - e`;
         // weight-0 columns pad narrower rows and are not the teacher's), and its sum.
-        let rest = match tail {
-            Some(t) => {
-                let t = t.narrow(0, start, len)?;
-                let in_topk = w.gt(0.0)?.to_dtype(acc)?;
-                let e_rest = e.scatter_add(&ids, &(e.gather(&ids, 1)? * in_topk)?.neg()?, 1)?;
-                let rest_sum = e_rest.sum_keepdim(D::Minus1)?;
-                let floor = if acc == DType::F64 {
-                    f64::MIN_POSITIVE
-                } else {
-                    f64::from(f32::MIN_POSITIVE)
-                };
-                let rest_sum = rest_sum.clamp(floor, f64::INFINITY)?;
-                let log_rest = (rest_sum.log()? + &max)?.squeeze(1)?;
-                loss = (loss + ((&lse - log_rest)? * &t)?)?;
-                Some((t, e_rest, rest_sum))
-            }
-            None => None,
+        let rest = if tail_class {
+            let t = (1.0 - &s)?.relu()?;
+            let in_topk = w.gt(0.0)?.to_dtype(acc)?;
+            let e_rest = e.scatter_add(&ids, &(e.gather(&ids, 1)? * in_topk)?.neg()?, 1)?;
+            let rest_sum = e_rest.sum_keepdim(D::Minus1)?;
+            let floor = if acc == DType::F64 {
+                f64::MIN_POSITIVE
+            } else {
+                f64::from(f32::MIN_POSITIVE)
+            };
+            let rest_sum = rest_sum.clamp(floor, f64::INFINITY)?;
+            let log_rest = (rest_sum.log()? + &max)?.squeeze(1)?;
+            loss = (loss + ((&lse - log_rest)? * &t)?)?;
+            Some((t, e_rest, rest_sum))
+        } else {
+            None
         };
         losses.push(loss);
         start += len;
@@ -172,22 +172,18 @@ pub fn blockwise_loss_sum(
     ids: &Tensor,
     weights: &Tensor,
     weight_sums: &Tensor,
-    tail: Option<&Tensor>,
+    tail_class: bool,
     rows: &Tensor,
 ) -> candle_core::Result<Tensor> {
     let acc = accumulation_dtype(rows.dtype());
     let with_grad = rows.track_op();
     let detached = rows.detach();
-    let tail = match tail {
-        Some(t) => Some(t.to_dtype(acc)?),
-        None => None,
-    };
     let (losses, grad) = blockwise(
         &LinearProducts::plain(lm_head.clone()),
         ids,
         &weights.to_dtype(acc)?,
         &weight_sums.to_dtype(acc)?,
-        tail.as_ref(),
+        tail_class,
         &detached,
         with_grad,
     )?;
@@ -268,7 +264,6 @@ mod tests {
         let (w, r) = ([0.5f64, 0.2], 0.3f64);
         let weights = Tensor::from_slice(&w, (1, 2), &dev).unwrap();
         let sums = Tensor::from_slice(&[0.7f64], 1, &dev).unwrap();
-        let tail = Tensor::from_slice(&[r], 1, &dev).unwrap();
         let by_hand = |h: [f64; 2]| {
             let z: Vec<f64> = (0..5)
                 .map(|v| w_head[2 * v] * h[0] + w_head[2 * v + 1] * h[1])
@@ -284,7 +279,7 @@ mod tests {
             &ids,
             &weights,
             &sums,
-            Some(&tail),
+            true,
             &x,
             true,
         )

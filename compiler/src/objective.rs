@@ -64,9 +64,9 @@ pub struct Batch {
     pub weights: Tensor,
     /// `[m]` sum of each row's weights.
     pub weight_sums: Tensor,
-    /// `[m]` the teacher's mass outside each row's top-k, `max(0, 1 - weight_sum)`
-    /// ([`Objective::DistillTail`] only).
-    pub tail: Option<Tensor>,
+    /// Whether the teacher's mass outside each row's top-k, `max(0, 1 - weight_sum)`, is one
+    /// more class ([`Objective::DistillTail`]).
+    pub tail_class: bool,
     /// Number of target tokens `m`.
     pub targets: usize,
     /// Number of real (unpadded) tokens.
@@ -195,13 +195,6 @@ impl Batch {
         if m == 0 {
             return Err(Error::Data("a batch without targets".into()));
         }
-        let tail = match objective {
-            Objective::DistillTail => {
-                let r: Vec<f32> = wsum.iter().map(|&s| (1.0 - s).max(0.0)).collect();
-                Some(Tensor::from_vec(r, m, device)?)
-            }
-            _ => None,
-        };
         Ok(Batch {
             tokens: Tensor::from_vec(tokens, (b, t), device)?,
             segments: packed.then_some(segments),
@@ -209,7 +202,7 @@ impl Batch {
             ids: Tensor::from_vec(ids, (m, k), device)?,
             weights: Tensor::from_vec(w, (m, k), device)?,
             weight_sums: Tensor::from_vec(wsum, m, device)?,
-            tail,
+            tail_class: objective == Objective::DistillTail,
             targets: m,
             real_tokens: real,
             slots: b * t,
@@ -248,10 +241,7 @@ pub fn target_loss_sum(model: &Transformer, rows: &Tensor, batch: &Batch) -> Res
             batch.ids.clone(),
             batch.weights.to_dtype(rows.dtype())?,
             batch.weight_sums.to_dtype(rows.dtype())?,
-            match &batch.tail {
-                Some(t) => Some(t.to_dtype(rows.dtype())?),
-                None => None,
-            },
+            batch.tail_class,
             rows.track_op(),
         );
         return Ok(rows.contiguous()?.apply_op1(op)?.sum_all()?);
@@ -263,7 +253,7 @@ pub fn target_loss_sum(model: &Transformer, rows: &Tensor, batch: &Batch) -> Res
         &batch.ids,
         &batch.weights,
         &batch.weight_sums,
-        batch.tail.as_ref(),
+        batch.tail_class,
         rows,
     )?)
 }
@@ -290,9 +280,9 @@ pub fn unfused_target_loss_sum(
     let weighted = (picked * &weights)?.sum_all()?;
     let norm = (&lse * &weight_sums)?.sum_all()?;
     let loss = (norm - weighted)?;
-    let Some(tail) = &batch.tail else {
+    if !batch.tail_class {
         return Ok(loss);
-    };
+    }
     // -r log(tail mass) = r (lse - log sum_{j not in top-k} exp(x_j)); the top-k columns (weight
     // > 0: padding columns are not the teacher's) masked out of the sum.
     let in_topk = weights.gt(0.0)?.to_dtype(x.dtype())?;
@@ -304,7 +294,7 @@ pub fn unfused_target_loss_sum(
     let log_rest = rest
         .clamp(f64::from(f32::MIN_POSITIVE), f64::INFINITY)?
         .log()?;
-    let tail = tail.to_dtype(x.dtype())?;
+    let tail = (1.0 - weight_sums)?.relu()?;
     Ok((loss + ((lse - log_rest)? * tail)?.sum_all()?)?)
 }
 

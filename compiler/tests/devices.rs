@@ -257,7 +257,7 @@ fn block_loop_loss_matches_autograd() {
             &batch.ids,
             &batch.weights,
             &batch.weight_sums,
-            batch.tail.as_ref(),
+            batch.tail_class,
             rows.as_tensor(),
         )
         .unwrap(),

@@ -16,7 +16,7 @@ pub fn cartridge(args: &[&str]) -> Output {
 }
 
 /// The JSON a successful `--json` run printed on stdout; fails the test with its stderr otherwise.
-pub fn json_of_success(out: &Output) -> serde_json::Value {
+pub fn ok_json(out: &Output) -> serde_json::Value {
     assert_eq!(
         out.status.code(),
         Some(0),
