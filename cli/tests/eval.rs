@@ -86,6 +86,8 @@ fn corpus_in_context_beats_the_bare_model() {
     );
     assert_eq!(modes[1]["gap_closed"].as_f64(), Some(1.0));
     assert_eq!(modes[0]["gap_closed"].as_f64(), Some(0.0));
+    assert_eq!(modes[1]["gap_closed_capped"].as_f64(), Some(1.0));
+    assert_eq!(modes[0]["gap_closed_capped"].as_f64(), Some(0.0));
     // SmolLM2-135M: 30 layers x (K, V) x 3 KV heads x 64 x 4 bytes = 46,080 bytes per token.
     for m in modes {
         let tokens = m["prefix_tokens"].as_u64().expect("prefix_tokens");

@@ -103,6 +103,11 @@ pub struct ModeReport {
     pub kl: Option<f64>,
     /// `(mode - bare) / (ICL - bare)` on the mean answer log-likelihood.
     pub gap_closed: Option<f64>,
+    /// `gap_closed` with each question's log-likelihood counted at most up to the better of the
+    /// bare model's and ICL's on that question: a prefix gets no credit for beating both. An
+    /// untrained cartridge can beat ICL on terse references through the answer's form (it
+    /// expects a short answer where ICL starts a sentence), which says nothing about the corpus.
+    pub gap_closed_capped: Option<f64>,
     /// `(bare - mode) / (bare - ICL)` on the KL to the teacher.
     pub kl_gap_closed: Option<f64>,
     /// Per-question results.
@@ -122,6 +127,7 @@ impl ModeReport {
             qa: None,
             kl: None,
             gap_closed: None,
+            gap_closed_capped: None,
             kl_gap_closed: None,
             items: Vec::new(),
         }
@@ -174,6 +180,7 @@ impl Report {
         let (Some(bare), Some(icl)) = (find(ModeKind::Bare), find(ModeKind::Icl)) else {
             return;
         };
+        let ceiling = self.per_question_ceiling();
         for m in &mut self.modes {
             if m.skipped.is_some() {
                 continue;
@@ -187,6 +194,117 @@ impl Report {
                 (Some(b), Some(i), Some(x)) => finite(gap_closed(b, i, x)),
                 _ => None,
             };
+            m.gap_closed_capped = ceiling.as_ref().and_then(|c| c.gap_closed(&m.items));
         }
+    }
+
+    /// Per question, the bare model's and ICL's answer log-likelihoods, when both modes scored
+    /// the questions.
+    fn per_question_ceiling(&self) -> Option<Ceiling> {
+        let items = |kind: ModeKind| {
+            self.modes
+                .iter()
+                .find(|m| m.kind == kind && m.skipped.is_none() && !m.items.is_empty())
+                .map(|m| logprobs(&m.items))
+        };
+        let (bare, icl) = (items(ModeKind::Bare)?, items(ModeKind::Icl)?);
+        (bare.len() == icl.len()).then_some(Ceiling { bare, icl })
+    }
+}
+
+fn logprobs(items: &[ItemResult]) -> Vec<f64> {
+    items.iter().map(|i| i.score.answer_logprob).collect()
+}
+
+/// The bare model's and ICL's answer log-likelihood on each question.
+struct Ceiling {
+    bare: Vec<f64>,
+    icl: Vec<f64>,
+}
+
+impl Ceiling {
+    /// The share of the bare -> ICL gap closed by `items`, each capped at the better of bare and
+    /// ICL on its question; `None` when `items` are not the same questions.
+    fn gap_closed(&self, items: &[ItemResult]) -> Option<f64> {
+        let n = self.bare.len();
+        if items.len() != n || n == 0 {
+            return None;
+        }
+        let mean = |xs: &mut dyn Iterator<Item = f64>| xs.sum::<f64>() / n as f64;
+        let capped = mean(
+            &mut self
+                .bare
+                .iter()
+                .zip(&self.icl)
+                .zip(items)
+                .map(|((&b, &i), x)| x.score.answer_logprob.min(b.max(i))),
+        );
+        let (bare, icl) = (
+            mean(&mut self.bare.iter().copied()),
+            mean(&mut self.icl.iter().copied()),
+        );
+        finite(gap_closed(-bare, -icl, -capped))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(name: &str, kind: ModeKind, logprobs: &[f64]) -> ModeReport {
+        let mut m = ModeReport::new(name.into(), kind, 0, 0);
+        m.items = logprobs
+            .iter()
+            .map(|&answer_logprob| ItemResult {
+                question: "q".into(),
+                reference: "a".into(),
+                score: ItemScore {
+                    answer_logprob,
+                    answer_tokens: 1,
+                    chosen: None,
+                },
+                generated: None,
+            })
+            .collect();
+        let scores: Vec<ItemScore> = m.items.iter().map(|i| i.score.clone()).collect();
+        m.qa = Some(QaSummary::new(&scores, &[], None));
+        m
+    }
+
+    #[test]
+    fn capped_gap_credits_each_question_up_to_the_better_of_bare_and_icl() {
+        // Question 1: ICL knows (-1 vs -5). Question 2: ICL is worse than bare (-4 vs -3).
+        let mut report = Report {
+            model: "m".into(),
+            qa_items: 2,
+            conversations: 0,
+            modes: vec![
+                mode("bare", ModeKind::Bare, &[-5.0, -3.0]),
+                mode("icl", ModeKind::Icl, &[-1.0, -4.0]),
+                // Beats both on question 2: by -2.0 there, but capped at bare's -3.0.
+                mode("cart", ModeKind::Cartridges, &[-3.0, -2.0]),
+                // Above ICL on question 1: capped at ICL's -1.0.
+                mode("over", ModeKind::Cartridges, &[0.0, -4.0]),
+                mode("other questions", ModeKind::Cartridges, &[-1.0]),
+            ],
+            notes: vec![],
+        };
+        report.compute_gaps();
+        let get = |name: &str| {
+            let m = report.modes.iter().find(|m| m.name == name).expect(name);
+            (m.gap_closed, m.gap_closed_capped)
+        };
+        // Means: bare -4, ICL -2.5 (gap 1.5).
+        assert_eq!(get("bare"), (Some(0.0), Some(0.0)));
+        assert_eq!(get("icl"), (Some(1.0), Some(1.0)));
+        // cart: plain mean -2.5 -> 100%; capped (-3 + -3) / 2 = -3 -> (4 - 3) / 1.5.
+        let (plain, capped) = get("cart");
+        assert!((plain.expect("plain") - 1.0).abs() < 1e-12);
+        assert!((capped.expect("capped") - 1.0 / 1.5).abs() < 1e-12);
+        // over: plain mean -2 -> 4/3; capped (-1 + -4) / 2 = -2.5 -> exactly ICL.
+        let (plain, capped) = get("over");
+        assert!((plain.expect("plain") - 2.0 / 1.5).abs() < 1e-12);
+        assert!((capped.expect("capped") - 1.0).abs() < 1e-12);
+        assert_eq!(get("other questions").1, None);
     }
 }

@@ -173,6 +173,27 @@ fn modes_agree_where_they_are_the_same_computation() {
         .is_some_and(|g| g == 0.0 && g.is_sign_positive()));
     assert!((icl.kl_gap_closed.expect("kl gap") - 1.0).abs() < 1e-12);
     assert_eq!(bare.kl_gap_closed, Some(0.0));
+    // Capped per question at the better of bare and ICL: the same two fixed points, and a
+    // capped log-likelihood is never above the plain one, so it moves the figure towards bare.
+    assert!((icl.gap_closed_capped.expect("capped") - 1.0).abs() < 1e-12);
+    assert_eq!(bare.gap_closed_capped, Some(0.0));
+    let icl_ahead = icl.qa.expect("qa").answer_logprob > bare.qa.expect("qa").answer_logprob;
+    for m in report.modes.iter().filter(|m| m.skipped.is_none()) {
+        let (plain, capped) = (
+            m.gap_closed.expect("gap"),
+            m.gap_closed_capped.expect("capped"),
+        );
+        let towards_bare = if icl_ahead {
+            capped - plain
+        } else {
+            plain - capped
+        };
+        assert!(
+            towards_bare <= 1e-12,
+            "{}: capped {capped}, plain {plain}",
+            m.name
+        );
+    }
 
     // The cartridge made of the truncated corpus's K/V scores like the truncated corpus.
     let cut_mode = mode(&report, "icl@200");

@@ -339,8 +339,8 @@ fn cell(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
 /// The report as an aligned text table, one row per mode.
 fn table(report: &Report) -> String {
     let header = [
-        "mode", "prefix", "KV", "TTFT", "ans LL", "ppl", "gap", "MC acc", "KL", "KL gap", "EM",
-        "contains", "chrF",
+        "mode", "prefix", "KV", "TTFT", "ans LL", "ppl", "gap", "gap cap", "MC acc", "KL",
+        "KL gap", "EM", "contains", "chrF",
     ];
     let pct = |x: f64| format!("{:.0}%", 100.0 * x);
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
@@ -354,6 +354,7 @@ fn table(report: &Report) -> String {
             cell(m.qa.map(|q| q.answer_logprob), |x| format!("{x:.3}")),
             cell(m.qa.map(|q| q.perplexity), |x| format!("{x:.2}")),
             cell(m.gap_closed, pct),
+            cell(m.gap_closed_capped, pct),
             cell(m.qa.and_then(|q| q.mc_accuracy), pct),
             cell(m.kl, |x| format!("{x:.4}")),
             cell(m.kl_gap_closed, pct),
