@@ -166,6 +166,40 @@ pub fn draw_chunk(
     }
 }
 
+/// The passage of `location` covering its tokens `offset..offset + len`, counted over its pieces
+/// in order (clipped to the location's end).
+pub fn passage(location: &ChunkLocation, offset: u64, len: u64) -> ChunkLocation {
+    let mut pieces = Vec::new();
+    let (mut skip, mut want) = (offset, len);
+    for p in &location.pieces {
+        let n = p.end - p.start;
+        if skip >= n {
+            skip -= n;
+            continue;
+        }
+        let take = (n - skip).min(want);
+        if take == 0 {
+            break;
+        }
+        pieces.push(ChunkPiece {
+            file: p.file.clone(),
+            start: p.start + skip,
+            end: p.start + skip + take,
+        });
+        skip = 0;
+        want -= take;
+    }
+    ChunkLocation {
+        chunk: location.chunk,
+        pieces,
+    }
+}
+
+/// Tokens in `location`.
+pub fn location_tokens(location: &ChunkLocation) -> u64 {
+    location.pieces.iter().map(|p| p.end - p.start).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,6 +252,29 @@ mod tests {
         assert_eq!(s, ChunkSizes { min: 224, max: 224 });
         assert!(ChunkSizes::clipped(512, 4096, 1000, 1000).is_err());
         assert!(ChunkSizes::clipped(10, 5, 1000, 0).is_err());
+    }
+
+    #[test]
+    fn passages_follow_the_pieces_across_a_file_boundary() {
+        let loc = ChunkLocation {
+            chunk: 3,
+            pieces: corpus().pieces(90, 30),
+        };
+        assert_eq!(location_tokens(&loc), 30);
+        let piece = |file: &str, start, end| ChunkPiece {
+            file: file.into(),
+            start,
+            end,
+        };
+        // Inside the first piece, across the boundary, inside the second, clipped at the end.
+        assert_eq!(passage(&loc, 2, 5).pieces, vec![piece("a", 92, 97)]);
+        assert_eq!(
+            passage(&loc, 8, 4).pieces,
+            vec![piece("a", 98, 100), piece("b", 0, 2)]
+        );
+        assert_eq!(passage(&loc, 12, 3).pieces, vec![piece("b", 2, 5)]);
+        assert_eq!(passage(&loc, 25, 10).pieces, vec![piece("b", 15, 20)]);
+        assert_eq!(passage(&loc, 2, 5).chunk, 3);
     }
 
     #[test]

@@ -25,6 +25,17 @@ pub fn system_message(chunk_text: &str, description: Option<&str>) -> String {
     )
 }
 
+/// The simulated user's instruction narrowed to one passage of the excerpt: the passage first,
+/// then the seed instruction, so a small model writes about the passage rather than about the
+/// excerpt's most salient part. Only the user role sees it; the teacher answers with the whole
+/// chunk in its system message.
+pub fn focused_seed(seed: &str, passage: &str) -> String {
+    format!(
+        "Here is one passage of the excerpt:\n<passage>\n{passage}\n</passage>\n\n{seed} Keep to \
+         what this passage says."
+    )
+}
+
 /// A chat whose system message (the chunk) is fixed.
 pub struct ChatFrame<'a> {
     backend: &'a dyn Backend,

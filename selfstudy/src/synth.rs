@@ -21,10 +21,10 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, Completion, Timings};
-use crate::chunk::{draw_chunk, ChunkSizes, TokenizedCorpus};
+use crate::chunk::{draw_chunk, location_tokens, passage, ChunkSizes, TokenizedCorpus};
 use crate::corpus::Corpus;
 use crate::error::{Error, Result};
-use crate::prompt::{system_message, ChatFrame, Turn};
+use crate::prompt::{focused_seed, system_message, ChatFrame, Turn};
 use crate::seeds::{Seed, SeedBank, SeedKind, SeedWeights};
 
 /// Everything that decides what gets synthesised.
@@ -58,6 +58,12 @@ pub struct SynthesisConfig {
     pub top_k: usize,
     /// Seed of everything random.
     pub seed: u64,
+    /// Show the simulated user a passage of this many tokens of the chunk, drawn per
+    /// conversation, with its seed instruction (0: none). Questions then spread over the chunk;
+    /// the teacher still answers with the whole chunk in context. Left out of the stored
+    /// settings when 0, so datasets made before it existed still resume.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub focus_tokens: usize,
     /// Start a new shard when the current one exceeds this many bytes.
     pub shard_bytes: u64,
 }
@@ -79,6 +85,7 @@ impl Default for SynthesisConfig {
             max_answer_tokens: 384,
             top_k: 20,
             seed: 0,
+            focus_tokens: 0,
             shard_bytes: DEFAULT_SHARD_BYTES,
         }
     }
@@ -111,8 +118,17 @@ impl SynthesisConfig {
     /// Tokens a chunk must leave free in the window: every turn's messages plus headers and the
     /// seed prompt.
     fn room(&self) -> usize {
-        self.turns * (self.max_user_tokens + self.max_answer_tokens + 32) + 256
+        let passage = if self.focus_tokens > 0 {
+            self.focus_tokens + 32
+        } else {
+            0
+        };
+        self.turns * (self.max_user_tokens + self.max_answer_tokens + 32) + 256 + passage
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Where the run is, reported after every chunk.
@@ -184,6 +200,9 @@ fn chunk_seed(seed: u64, chunk: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
+
+/// Mixed with a conversation's base seed to place its passage (`focus_tokens`).
+const FOCUS_STREAM: u64 = 0xF0C5;
 
 /// The settings that must match to resume (everything but the count, which may grow).
 fn resume_key(cfg: &SynthesisConfig) -> serde_json::Value {
@@ -364,6 +383,16 @@ fn synthesize_chunk(
     let stops = backend.info().stop_tokens.clone();
     let text = tokenized.chunk_text(location, &*backend)?;
     let system = system_message(&text, config.description.as_deref());
+    if config.focus_tokens > 0 {
+        for c in convs.iter_mut() {
+            let span = location_tokens(location);
+            let len = (config.focus_tokens as u64).min(span);
+            // From the conversation's own seed, so its passage never depends on the others.
+            let offset = chunk_seed(c.base_seed, FOCUS_STREAM) % (span - len + 1);
+            let shown = tokenized.chunk_text(&passage(location, offset, len), &*backend)?;
+            c.seed.text = focused_seed(&c.seed.text, &shown);
+        }
+    }
     // Prompts are built first (they borrow the backend immutably), then sent.
     let shared = ChatFrame::new(&*backend, system.clone())?
         .system_ids()

@@ -16,6 +16,8 @@ const END: u32 = 2;
 struct Fake {
     info: BackendInfo,
     calls: Vec<(usize, usize)>,
+    /// Every request's prompt and whether it asked for top-k (the assistant role does).
+    prompts: Vec<(Vec<u32>, bool)>,
     bad_topk: bool,
 }
 
@@ -40,6 +42,7 @@ impl Fake {
                 stop_tokens: vec![END],
             },
             calls: Vec::new(),
+            prompts: Vec::new(),
             bad_topk,
         }
     }
@@ -90,6 +93,8 @@ impl Backend for Fake {
     }
     fn complete(&mut self, shared: &[u32], reqs: &[Completion]) -> Result<Vec<CompletionOutput>> {
         self.calls.push((shared.len(), reqs.len()));
+        self.prompts
+            .extend(reqs.iter().map(|r| (r.prompt.clone(), r.top_logprobs > 0)));
         Ok(reqs
             .iter()
             .map(|r| {
@@ -122,7 +127,10 @@ impl Backend for Fake {
 }
 
 fn corpus() -> Corpus {
-    let text = "The quick brown fox jumps over the lazy dog. ".repeat(20);
+    corpus_of("The quick brown fox jumps over the lazy dog. ".repeat(20))
+}
+
+fn corpus_of(text: String) -> Corpus {
     Corpus::from_files(
         "mem",
         vec![CorpusFile {
@@ -194,4 +202,65 @@ fn malformed_top_k_from_a_backend_is_refused() {
     let err = synthesize(&config(), &mut fake, &corpus(), out.path(), false, |_| {})
         .expect_err("ragged top-k");
     assert!(err.to_string().contains("different widths"), "{err}");
+}
+
+#[test]
+fn focus_shows_only_the_user_role_a_passage_of_the_chunk() {
+    // Distinct words, so a passage's place in the corpus is unambiguous.
+    let text: String = (0..400).map(|i| format!("w{i:03} ")).collect();
+    let config = SynthesisConfig {
+        num_conversations: 8,
+        batch: 8,
+        chunk_min_tokens: 4096,
+        chunk_max_tokens: 4096,
+        focus_tokens: 30,
+        top_k: 3,
+        ..SynthesisConfig::default()
+    };
+    let out = tempfile::tempdir().expect("tmp");
+    let mut fake = Fake::new(false);
+    synthesize(
+        &config,
+        &mut fake,
+        &corpus_of(text.clone()),
+        out.path(),
+        false,
+        |_| {},
+    )
+    .expect("run");
+    let mut passages = std::collections::BTreeSet::new();
+    for (prompt, teacher) in &fake.prompts {
+        let shown = fake.decode(prompt).expect("decode");
+        if *teacher {
+            assert!(
+                !shown.contains("<passage>"),
+                "the teacher saw a passage: {shown:?}"
+            );
+            continue;
+        }
+        let start = shown.find("<passage>\n").expect("a passage") + "<passage>\n".len();
+        let len = shown[start..].find("\n</passage>").expect("its end");
+        let passage = &shown[start..start + len];
+        // 30 byte tokens of the corpus, cut from it as they are.
+        assert_eq!(passage.len(), 30);
+        assert!(text.contains(passage), "{passage:?} is not in the corpus");
+        passages.insert(passage.to_string());
+    }
+    assert!(
+        passages.len() > 1,
+        "every conversation got the same passage"
+    );
+    // The stored seed prompt is what the user role saw; training tokens hold no passage.
+    let recs = Dataset::open(out.path(), ReadOptions::default())
+        .expect("open")
+        .records()
+        .expect("records");
+    for r in &recs {
+        assert!(r.seed_prompt.starts_with("Here is one passage"));
+        let tokens = fake.decode(&r.tokens).expect("decode");
+        assert!(!tokens.contains("<passage>"), "{tokens:?}");
+    }
+    // Without it, the stored settings do not name it (older datasets resume unchanged).
+    let off = serde_json::to_value(self::config()).expect("json");
+    assert!(off.get("focus_tokens").is_none(), "{off}");
 }

@@ -97,6 +97,12 @@ pub struct SynthArgs {
     /// Seed of everything random (chunks, seed prompts, sampling).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Show the simulated user one random passage of N tokens of the chunk with its seed
+    /// instruction, so its questions spread over the chunk instead of its most salient part; the
+    /// teacher still answers with the whole chunk in context (0: off). Most useful with a large
+    /// chunk, e.g. `--chunk-min` above the corpus size, where every chunk is the whole corpus.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub focus_tokens: usize,
 }
 
 impl SynthArgs {
@@ -129,6 +135,7 @@ impl SynthArgs {
             max_answer_tokens: self.max_answer_tokens,
             top_k: self.top_k,
             seed: self.seed,
+            focus_tokens: self.focus_tokens,
             ..SynthesisConfig::default()
         })
     }
