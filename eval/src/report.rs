@@ -180,7 +180,7 @@ impl Report {
         let (Some(bare), Some(icl)) = (find(ModeKind::Bare), find(ModeKind::Icl)) else {
             return;
         };
-        let ceiling = self.per_question_ceiling();
+        let ceilings = self.per_question_ceilings();
         for m in &mut self.modes {
             if m.skipped.is_some() {
                 continue;
@@ -194,57 +194,46 @@ impl Report {
                 (Some(b), Some(i), Some(x)) => finite(gap_closed(b, i, x)),
                 _ => None,
             };
-            m.gap_closed_capped = ceiling.as_ref().and_then(|c| c.gap_closed(&m.items));
+            m.gap_closed_capped = match (bare.0, icl.0, &ceilings) {
+                (Some(b), Some(i), Some(c)) => {
+                    capped_mean(c, &m.items).and_then(|x| finite(gap_closed(-b, -i, -x)))
+                }
+                _ => None,
+            };
         }
     }
 
-    /// Per question, the bare model's and ICL's answer log-likelihoods, when both modes scored
-    /// the questions.
-    fn per_question_ceiling(&self) -> Option<Ceiling> {
+    /// Per question, the better of the bare model's and ICL's answer log-likelihoods, when both
+    /// modes scored the same questions.
+    fn per_question_ceilings(&self) -> Option<Vec<f64>> {
         let items = |kind: ModeKind| {
             self.modes
                 .iter()
                 .find(|m| m.kind == kind && m.skipped.is_none() && !m.items.is_empty())
-                .map(|m| logprobs(&m.items))
+                .map(|m| &m.items)
         };
         let (bare, icl) = (items(ModeKind::Bare)?, items(ModeKind::Icl)?);
-        (bare.len() == icl.len()).then_some(Ceiling { bare, icl })
+        (bare.len() == icl.len()).then(|| {
+            bare.iter()
+                .zip(icl)
+                .map(|(b, i)| b.score.answer_logprob.max(i.score.answer_logprob))
+                .collect()
+        })
     }
 }
 
-fn logprobs(items: &[ItemResult]) -> Vec<f64> {
-    items.iter().map(|i| i.score.answer_logprob).collect()
-}
-
-/// The bare model's and ICL's answer log-likelihood on each question.
-struct Ceiling {
-    bare: Vec<f64>,
-    icl: Vec<f64>,
-}
-
-impl Ceiling {
-    /// The share of the bare -> ICL gap closed by `items`, each capped at the better of bare and
-    /// ICL on its question; `None` when `items` are not the same questions.
-    fn gap_closed(&self, items: &[ItemResult]) -> Option<f64> {
-        let n = self.bare.len();
-        if items.len() != n || n == 0 {
-            return None;
-        }
-        let mean = |xs: &mut dyn Iterator<Item = f64>| xs.sum::<f64>() / n as f64;
-        let capped = mean(
-            &mut self
-                .bare
-                .iter()
-                .zip(&self.icl)
-                .zip(items)
-                .map(|((&b, &i), x)| x.score.answer_logprob.min(b.max(i))),
-        );
-        let (bare, icl) = (
-            mean(&mut self.bare.iter().copied()),
-            mean(&mut self.icl.iter().copied()),
-        );
-        finite(gap_closed(-bare, -icl, -capped))
+/// The mean answer log-likelihood of `items`, each capped at its question's ceiling; `None` when
+/// `items` are not the same questions.
+fn capped_mean(ceilings: &[f64], items: &[ItemResult]) -> Option<f64> {
+    if items.len() != ceilings.len() || items.is_empty() {
+        return None;
     }
+    let sum: f64 = items
+        .iter()
+        .zip(ceilings)
+        .map(|(x, &c)| x.score.answer_logprob.min(c))
+        .sum();
+    Some(sum / items.len() as f64)
 }
 
 #[cfg(test)]

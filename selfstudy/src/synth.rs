@@ -118,12 +118,12 @@ impl SynthesisConfig {
     /// Tokens a chunk must leave free in the window: every turn's messages plus headers and the
     /// seed prompt.
     fn room(&self) -> usize {
-        let passage = if self.focus_tokens > 0 {
+        let passage_room = if self.focus_tokens > 0 {
             self.focus_tokens + 32
         } else {
             0
         };
-        self.turns * (self.max_user_tokens + self.max_answer_tokens + 32) + 256 + passage
+        self.turns * (self.max_user_tokens + self.max_answer_tokens + 32) + 256 + passage_room
     }
 }
 
@@ -384,9 +384,9 @@ fn synthesize_chunk(
     let text = tokenized.chunk_text(location, &*backend)?;
     let system = system_message(&text, config.description.as_deref());
     if config.focus_tokens > 0 {
+        let span = location_tokens(location);
+        let len = (config.focus_tokens as u64).min(span);
         for c in convs.iter_mut() {
-            let span = location_tokens(location);
-            let len = (config.focus_tokens as u64).min(span);
             // From the conversation's own seed, so its passage never depends on the others.
             let offset = chunk_seed(c.base_seed, FOCUS_STREAM) % (span - len + 1);
             let shown = tokenized.chunk_text(&passage(location, offset, len), &*backend)?;
