@@ -86,6 +86,31 @@ impl TokenizedCorpus {
         self.chunk_text_with(location, |ids| backend.decode(ids))
     }
 
+    /// The text of `location`'s first piece alone, without a file header: a quote from one file.
+    /// Also says whether that piece starts at its file's beginning (so its first word is whole).
+    pub fn first_piece_text(
+        &self,
+        location: &ChunkLocation,
+        backend: &dyn Backend,
+    ) -> Result<(String, bool)> {
+        match location.pieces.first() {
+            Some(p) => Ok((backend.decode(self.piece_tokens(p)?)?, p.start == 0)),
+            None => Ok((String::new(), true)),
+        }
+    }
+
+    /// The token ids of one piece of a chunk.
+    fn piece_tokens(&self, p: &ChunkPiece) -> Result<&[u32]> {
+        let f = self
+            .files
+            .iter()
+            .find(|f| f.path == p.file)
+            .ok_or_else(|| Error::Config(format!("chunk names unknown file {}", p.file)))?;
+        f.tokens
+            .get(p.start as usize..p.end as usize)
+            .ok_or_else(|| Error::Config(format!("chunk range out of {}", p.file)))
+    }
+
     /// [`Self::chunk_text`] with any decoder of token ids (an evaluation rebuilding the teacher's
     /// system message has a tokenizer but no generating backend).
     pub fn chunk_text_with(
@@ -96,15 +121,7 @@ impl TokenizedCorpus {
         let mut text = String::new();
         let show_paths = self.files.len() > 1;
         for p in &location.pieces {
-            let f = self
-                .files
-                .iter()
-                .find(|f| f.path == p.file)
-                .ok_or_else(|| Error::Config(format!("chunk names unknown file {}", p.file)))?;
-            let toks = f
-                .tokens
-                .get(p.start as usize..p.end as usize)
-                .ok_or_else(|| Error::Config(format!("chunk range out of {}", p.file)))?;
+            let toks = self.piece_tokens(p)?;
             if show_paths {
                 if !text.is_empty() {
                     text.push_str("\n\n");

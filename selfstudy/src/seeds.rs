@@ -1,6 +1,9 @@
 //! Seed prompts: instructions to the *user role* to write one message about the excerpt it sees
 //! (DESIGN.md §4). Five kinds, each with several phrasings of our own, drawn by configurable
-//! weights (uniform by default); a user file can add more phrasings.
+//! weights (uniform by default); a user file can add more phrasings. A sixth kind, `recall`, is
+//! ours and off by default: its phrasing is the user's message itself (no user role runs), asking
+//! the assistant to repeat the excerpt word for word from a quoted opening, so the teacher's
+//! answers spread the corpus's own sentences evenly over the data.
 
 use rand::Rng;
 
@@ -22,16 +25,21 @@ pub enum SeedKind {
     UseCase,
     /// Ask for something creative grounded in the excerpt.
     Creative,
+    /// Not written by the user role: a fixed request to repeat the excerpt word for word from
+    /// an opening quoted from a random place in it (`{opening}` in the phrasing).
+    Recall,
 }
 
 impl SeedKind {
-    /// All kinds, in a fixed order.
-    pub const ALL: [SeedKind; 5] = [
+    /// All kinds, in a fixed order. `Recall` is last, so datasets drawn without it (weight 0)
+    /// draw exactly what they drew before it existed.
+    pub const ALL: [SeedKind; 6] = [
         SeedKind::Structuring,
         SeedKind::Summarization,
         SeedKind::Question,
         SeedKind::UseCase,
         SeedKind::Creative,
+        SeedKind::Recall,
     ];
 
     /// The name stored in datasets.
@@ -42,7 +50,14 @@ impl SeedKind {
             SeedKind::Question => "question",
             SeedKind::UseCase => "use_case",
             SeedKind::Creative => "creative",
+            SeedKind::Recall => "recall",
         }
+    }
+
+    /// Whether the phrasing is sent as the user's message as it is, instead of instructing the
+    /// user role to write one.
+    pub fn is_fixed_message(self) -> bool {
+        self == SeedKind::Recall
     }
 
     /// Parse a name (`use-case` and `use_case` both work).
@@ -55,7 +70,17 @@ impl SeedKind {
 /// Formats the structuring seeds ask for.
 const FORMATS: [&str; 6] = ["JSON", "YAML", "TOML", "XML", "a Markdown table", "CSV"];
 
-/// Our built-in phrasings. `{format}` is replaced by one of [`FORMATS`].
+/// Where a recall phrasing quotes the opening of the text to repeat.
+pub const OPENING: &str = "{opening}";
+
+/// The user role's instruction after a recall seed's first exchange (turns > 1): the first
+/// message was not its own, so it is asked to follow up on what was quoted.
+pub const RECALL_FOLLOW_UP: &str = "You asked the assistant to repeat a passage of the excerpt \
+     above. Write one specific follow-up question about what that passage says. Output only the \
+     question.";
+
+/// Our built-in phrasings. `{format}` is replaced by one of [`FORMATS`]; `{opening}` (recall) by
+/// a few words quoted from the excerpt when the conversation is synthesised.
 fn builtin(kind: SeedKind) -> &'static [&'static str] {
     match kind {
         SeedKind::Structuring => &[
@@ -111,6 +136,11 @@ fn builtin(kind: SeedKind) -> &'static [&'static str] {
              between two people, places or components mentioned in the excerpt. Reply with the \
              request alone.",
         ],
+        SeedKind::Recall => &[
+            "Repeat, word for word, the passage of the excerpt that begins: \"{opening}\"",
+            "Quote the excerpt exactly as written, starting from \"{opening}\".",
+            "Continue the excerpt word for word from: \"{opening}\"",
+        ],
     }
 }
 
@@ -127,6 +157,14 @@ pub struct SeedWeights {
     pub use_case: f64,
     /// Creative.
     pub creative: f64,
+    /// Recall (0 unless asked for; left out of stored settings when 0, so datasets made before
+    /// it existed still resume).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub recall: f64,
+}
+
+fn is_zero(w: &f64) -> bool {
+    *w == 0.0
 }
 
 impl Default for SeedWeights {
@@ -137,6 +175,7 @@ impl Default for SeedWeights {
             question: 1.0,
             use_case: 1.0,
             creative: 1.0,
+            recall: 0.0,
         }
     }
 }
@@ -149,6 +188,7 @@ impl SeedWeights {
             SeedKind::Question => self.question,
             SeedKind::UseCase => self.use_case,
             SeedKind::Creative => self.creative,
+            SeedKind::Recall => self.recall,
         }
     }
 
@@ -160,6 +200,7 @@ impl SeedWeights {
             question: 0.0,
             use_case: 0.0,
             creative: 0.0,
+            recall: 0.0,
         };
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = part
@@ -177,6 +218,7 @@ impl SeedWeights {
                 SeedKind::Question => w.question = v,
                 SeedKind::UseCase => w.use_case = v,
                 SeedKind::Creative => w.creative = v,
+                SeedKind::Recall => w.recall = v,
             }
         }
         Ok(w)
@@ -270,7 +312,7 @@ pub fn parse_seed_file(text: &str) -> Result<Vec<(SeedKind, String)>> {
             .ok_or_else(|| Error::Seeds(format!("line {}: expected `kind: prompt`", i + 1)))?;
         let kind = SeedKind::parse(k).ok_or_else(|| {
             Error::Seeds(format!(
-                "line {}: unknown seed kind {:?} (structuring, summarization, question, use_case, creative)",
+                "line {}: unknown seed kind {:?} (structuring, summarization, question, use_case, creative, recall)",
                 i + 1,
                 k.trim()
             ))
@@ -278,6 +320,12 @@ pub fn parse_seed_file(text: &str) -> Result<Vec<(SeedKind, String)>> {
         let p = p.trim();
         if p.is_empty() {
             return Err(Error::Seeds(format!("line {}: empty prompt", i + 1)));
+        }
+        if kind == SeedKind::Recall && !p.contains(OPENING) {
+            return Err(Error::Seeds(format!(
+                "line {}: a recall prompt must say where the quoted opening goes ({OPENING})",
+                i + 1
+            )));
         }
         out.push((kind, p.to_string()));
     }
@@ -298,8 +346,12 @@ mod tests {
             *counts.entry(bank.draw(&mut rng).kind).or_insert(0) += 1;
         }
         for k in SeedKind::ALL {
-            let c = counts[&k];
-            assert!((800..1200).contains(&c), "{k:?}: {c}");
+            let c = counts.get(&k).copied().unwrap_or(0);
+            if k == SeedKind::Recall {
+                assert_eq!(c, 0, "recall is off by default");
+            } else {
+                assert!((800..1200).contains(&c), "{k:?}: {c}");
+            }
         }
         let only_q =
             SeedBank::new(SeedWeights::parse("question=1").expect("w"), Vec::new()).expect("bank");
@@ -317,6 +369,11 @@ mod tests {
             .phrasings(SeedKind::UseCase)
             .contains(&"Plan a trip.".to_string()));
         assert!(parse_seed_file("nonsense: x").is_err());
+        assert!(parse_seed_file("recall: Repeat the excerpt.").is_err());
+        assert_eq!(
+            parse_seed_file("recall: Say again from {opening}.").expect("parse")[0].0,
+            SeedKind::Recall
+        );
         assert!(parse_seed_file("no colon").is_err());
     }
 

@@ -25,7 +25,7 @@ use crate::chunk::{draw_chunk, location_tokens, passage, ChunkSizes, TokenizedCo
 use crate::corpus::Corpus;
 use crate::error::{Error, Result};
 use crate::prompt::{focused_seed, system_message, ChatFrame, Turn};
-use crate::seeds::{Seed, SeedBank, SeedKind, SeedWeights};
+use crate::seeds::{Seed, SeedBank, SeedKind, SeedWeights, OPENING, RECALL_FOLLOW_UP};
 
 /// Everything that decides what gets synthesised.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -203,6 +203,47 @@ fn chunk_seed(seed: u64, chunk: u64) -> u64 {
 
 /// Mixed with a conversation's base seed to place its passage (`focus_tokens`).
 const FOCUS_STREAM: u64 = 0xF0C5;
+
+/// Mixed with a conversation's base seed to place a recall seed's quoted opening.
+const RECALL_STREAM: u64 = 0x2EC4;
+
+/// Tokens of the chunk a recall opening is cut from, and the whole words it keeps.
+const OPENING_TOKENS: u64 = 24;
+const OPENING_WORDS: usize = 8;
+
+/// Up to `words` whole words from the start of `text`, as written there (line breaks kept). A cut
+/// token range may start and end mid-word: a leading partial word is dropped unless `whole_start`
+/// says the text starts at a word, and a last word with no space after it is dropped unless it
+/// is the only one.
+fn opening_words(text: &str, whole_start: bool, words: usize) -> String {
+    let mut rest = text;
+    if !whole_start && !text.starts_with(char::is_whitespace) {
+        if let Some(i) = text.find(char::is_whitespace) {
+            rest = &text[i..];
+        }
+    }
+    let rest = rest.trim_start();
+    let (mut seen, mut end) = (0, 0);
+    let mut in_word = false;
+    for (i, ch) in rest.char_indices() {
+        if ch.is_whitespace() {
+            if in_word {
+                seen += 1;
+                end = i;
+                if seen == words {
+                    break;
+                }
+            }
+            in_word = false;
+        } else {
+            in_word = true;
+        }
+    }
+    if seen == 0 {
+        return rest.trim_end().to_string();
+    }
+    rest[..end].to_string()
+}
 
 /// The settings that must match to resume (everything but the count, which may grow).
 fn resume_key(cfg: &SynthesisConfig) -> serde_json::Value {
@@ -383,10 +424,22 @@ fn synthesize_chunk(
     let stops = backend.info().stop_tokens.clone();
     let text = tokenized.chunk_text(location, &*backend)?;
     let system = system_message(&text, config.description.as_deref());
+    let span = location_tokens(location);
+    for c in convs.iter_mut().filter(|c| c.seed.kind.is_fixed_message()) {
+        // The user's message is the phrasing itself, quoting a few words from a random place.
+        let len = OPENING_TOKENS.min(span);
+        let offset = chunk_seed(c.base_seed, RECALL_STREAM) % (span - len + 1);
+        let (cut, whole_start) =
+            tokenized.first_piece_text(&passage(location, offset, len), &*backend)?;
+        let whole_start = whole_start || offset == 0;
+        c.seed.text = c
+            .seed
+            .text
+            .replace(OPENING, &opening_words(&cut, whole_start, OPENING_WORDS));
+    }
     if config.focus_tokens > 0 {
-        let span = location_tokens(location);
         let len = (config.focus_tokens as u64).min(span);
-        for c in convs.iter_mut() {
+        for c in convs.iter_mut().filter(|c| !c.seed.kind.is_fixed_message()) {
             // From the conversation's own seed, so its passage never depends on the others.
             let offset = chunk_seed(c.base_seed, FOCUS_STREAM) % (span - len + 1);
             let shown = tokenized.chunk_text(&passage(location, offset, len), &*backend)?;
@@ -398,13 +451,20 @@ fn synthesize_chunk(
         .system_ids()
         .to_vec();
     for turn in 0..config.turns {
-        // User role.
+        // User role. A fixed-message seed is the first message as it stands.
+        let writes = |c: &Conv| turn > 0 || !c.seed.kind.is_fixed_message();
         let reqs = {
             let frame = ChatFrame::new(&*backend, system.clone())?;
             convs
                 .iter()
+                .filter(|c| writes(c))
                 .map(|c| {
-                    let prompt = frame.user_role_prompt(&c.seed.text, &c.history)?;
+                    let instruction = if c.seed.kind.is_fixed_message() {
+                        RECALL_FOLLOW_UP
+                    } else {
+                        &c.seed.text
+                    };
+                    let prompt = frame.user_role_prompt(instruction, &c.history)?;
                     let max_tokens =
                         fit(window, shared.len(), prompt.len(), config.max_user_tokens)?;
                     Ok(Completion {
@@ -417,9 +477,21 @@ fn synthesize_chunk(
                 })
                 .collect::<Result<Vec<_>>>()?
         };
-        let outs = backend.complete(&shared, &reqs)?;
-        for (c, o) in convs.iter_mut().zip(&outs) {
-            let text = backend.decode(&o.tokens)?;
+        let outs = if reqs.is_empty() {
+            Vec::new()
+        } else {
+            backend.complete(&shared, &reqs)?
+        };
+        let mut outs = outs.iter();
+        for c in convs.iter_mut() {
+            let text = if writes(c) {
+                let o = outs
+                    .next()
+                    .ok_or_else(|| Error::Backend("fewer user messages than requests".into()))?;
+                backend.decode(&o.tokens)?
+            } else {
+                c.seed.text.clone()
+            };
             c.history.push(("user".into(), text.trim().to_string()));
         }
         // Assistant role.
@@ -499,4 +571,21 @@ fn synthesize_chunk(
             topk_logprobs: c.topk_logprobs,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::opening_words;
+
+    #[test]
+    fn openings_are_whole_words_as_written() {
+        assert_eq!(opening_words("ing the fox jumps", false, 2), "the fox");
+        assert_eq!(opening_words(" the fox jumps", false, 2), "the fox");
+        assert_eq!(opening_words("the fox jumps", true, 2), "the fox");
+        assert_eq!(opening_words("ab\ncd  ef gh", true, 3), "ab\ncd  ef");
+        assert_eq!(opening_words("few words", true, 8), "few");
+        assert_eq!(opening_words("few words ", true, 8), "few words");
+        assert_eq!(opening_words("one", true, 8), "one");
+        assert_eq!(opening_words("", false, 8), "");
+    }
 }

@@ -7,7 +7,8 @@ use cartridge_formats::fingerprint::sha256_hex;
 use cartridge_formats::ModelFingerprint;
 use cartridge_selfstudy::corpus::{Corpus, CorpusFile};
 use cartridge_selfstudy::{
-    synthesize, Backend, BackendInfo, Completion, CompletionOutput, Result, SynthesisConfig,
+    synthesize, Backend, BackendInfo, Completion, CompletionOutput, Result, SeedWeights,
+    SynthesisConfig,
 };
 
 const END: u32 = 2;
@@ -263,4 +264,74 @@ fn focus_shows_only_the_user_role_a_passage_of_the_chunk() {
     // Without it, the stored settings do not name it (older datasets resume unchanged).
     let off = serde_json::to_value(self::config()).expect("json");
     assert!(off.get("focus_tokens").is_none(), "{off}");
+}
+
+#[test]
+fn recall_seeds_quote_the_chunk_and_skip_the_user_role() {
+    let text: String = (0..400).map(|i| format!("w{i:03} ")).collect();
+    let config = SynthesisConfig {
+        num_conversations: 8,
+        batch: 8,
+        chunk_min_tokens: 4096,
+        chunk_max_tokens: 4096,
+        seed_weights: SeedWeights::parse("recall=1,question=1").expect("weights"),
+        focus_tokens: 30,
+        turns: 2,
+        top_k: 3,
+        ..SynthesisConfig::default()
+    };
+    let out = tempfile::tempdir().expect("tmp");
+    let mut fake = Fake::new(false);
+    synthesize(
+        &config,
+        &mut fake,
+        &corpus_of(text.clone()),
+        out.path(),
+        false,
+        |_| {},
+    )
+    .expect("run");
+    let recs = Dataset::open(out.path(), ReadOptions::default())
+        .expect("open")
+        .records()
+        .expect("records");
+    let recall: Vec<_> = recs.iter().filter(|r| r.seed_kind == "recall").collect();
+    let questions = recs.len() - recall.len();
+    assert!(!recall.is_empty() && questions > 0, "both kinds drawn");
+    let mut openings = std::collections::BTreeSet::new();
+    for r in &recall {
+        // The first user message is the phrasing with whole words of the corpus quoted (24
+        // byte tokens cut from it: four whole words, or three when the cut starts mid-word).
+        let first = &r.messages[0];
+        assert_eq!(first.role, "user");
+        assert_eq!(first.content, r.seed_prompt);
+        let start = first.content.find('"').expect("a quote") + 1;
+        let len = first.content[start..].find('"').expect("its end");
+        let opening = &first.content[start..start + len];
+        let words = opening.split(' ').count();
+        assert!((3..=4).contains(&words), "{opening:?}");
+        assert!(opening
+            .split(' ')
+            .all(|w| w.len() == 4 && w.starts_with('w')));
+        assert!(text.contains(opening), "{opening:?} is not in the corpus");
+        openings.insert(opening.to_string());
+        // Later turns are still written by the user role; every answer is the teacher's.
+        assert_eq!(r.messages.len(), 4);
+        assert!(r.messages[2].content.starts_with("ok"));
+        assert_eq!(r.targets.len(), 2);
+    }
+    assert!(openings.len() > 1, "every recall quoted the same place");
+    // The user role ran once per question conversation in the first turn, and once per
+    // conversation of either kind in the second.
+    let user_prompts = fake.prompts.iter().filter(|(_, teacher)| !teacher).count();
+    assert_eq!(user_prompts, questions + recs.len());
+    // No user role is instructed with a recall phrasing (it is a message, not an instruction):
+    // the second turn's instruction asks for a follow-up instead.
+    for (prompt, teacher) in &fake.prompts {
+        let shown = fake.decode(prompt).expect("decode");
+        let instruction = shown.split("<|im_start|>assistant").next().unwrap_or("");
+        if !teacher {
+            assert!(!instruction.contains("word for word"), "{shown:?}");
+        }
+    }
 }

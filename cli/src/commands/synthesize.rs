@@ -69,8 +69,9 @@ pub struct SynthArgs {
     #[arg(long)]
     pub description: Option<String>,
     /// Seed-kind weights, e.g. `question=2,creative=0.5` (kinds: structuring, summarization,
-    /// question, use_case, creative; kinds not named get weight 0, so `question=1` draws only
-    /// question seeds).
+    /// question, use_case, creative, and recall: no user role, a request to repeat the excerpt
+    /// word for word from a quoted opening, off by default; kinds not named get weight 0, so
+    /// `question=1` draws only question seeds).
     #[arg(long, value_name = "KIND=W,...")]
     pub seed_weights: Option<String>,
     /// A file of extra seed prompts, one per line as `kind: text`.
