@@ -429,9 +429,9 @@ fn synthesize_chunk(
         // The user's message is the phrasing itself, quoting a few words from a random place.
         let len = OPENING_TOKENS.min(span);
         let offset = chunk_seed(c.base_seed, RECALL_STREAM) % (span - len + 1);
+        // Only a file's first token surely starts a word (a chunk may start mid-word).
         let (cut, whole_start) =
             tokenized.first_piece_text(&passage(location, offset, len), &*backend)?;
-        let whole_start = whole_start || offset == 0;
         c.seed.text = c
             .seed
             .text
