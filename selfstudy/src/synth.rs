@@ -211,6 +211,23 @@ const RECALL_STREAM: u64 = 0x2EC4;
 const OPENING_TOKENS: u64 = 24;
 const OPENING_WORDS: usize = 8;
 
+/// A passage of up to `len` tokens of the chunk, placed from a conversation's own seed mixed
+/// with `stream`, so it never depends on the other conversations' draws.
+fn placed_passage(
+    location: &ChunkLocation,
+    base_seed: u64,
+    stream: u64,
+    len: u64,
+) -> ChunkLocation {
+    let span = location_tokens(location);
+    let len = len.min(span);
+    passage(
+        location,
+        chunk_seed(base_seed, stream) % (span - len + 1),
+        len,
+    )
+}
+
 /// Up to `words` whole words from the start of `text`, as written there (line breaks kept). A cut
 /// token range may start and end mid-word: a leading partial word is dropped unless `whole_start`
 /// says the text starts at a word, and a last word with no space after it is dropped unless it
@@ -424,25 +441,25 @@ fn synthesize_chunk(
     let stops = backend.info().stop_tokens.clone();
     let text = tokenized.chunk_text(location, &*backend)?;
     let system = system_message(&text, config.description.as_deref());
-    let span = location_tokens(location);
     for c in convs.iter_mut().filter(|c| c.seed.kind.is_fixed_message()) {
         // The user's message is the phrasing itself, quoting a few words from a random place.
-        let len = OPENING_TOKENS.min(span);
-        let offset = chunk_seed(c.base_seed, RECALL_STREAM) % (span - len + 1);
+        let cut = placed_passage(location, c.base_seed, RECALL_STREAM, OPENING_TOKENS);
         // Only a file's first token surely starts a word (a chunk may start mid-word).
-        let (cut, whole_start) =
-            tokenized.first_piece_text(&passage(location, offset, len), &*backend)?;
+        let (cut, whole_start) = tokenized.first_piece_text(&cut, &*backend)?;
         c.seed.text = c
             .seed
             .text
             .replace(OPENING, &opening_words(&cut, whole_start, OPENING_WORDS));
     }
     if config.focus_tokens > 0 {
-        let len = (config.focus_tokens as u64).min(span);
         for c in convs.iter_mut().filter(|c| !c.seed.kind.is_fixed_message()) {
-            // From the conversation's own seed, so its passage never depends on the others.
-            let offset = chunk_seed(c.base_seed, FOCUS_STREAM) % (span - len + 1);
-            let shown = tokenized.chunk_text(&passage(location, offset, len), &*backend)?;
+            let shown = placed_passage(
+                location,
+                c.base_seed,
+                FOCUS_STREAM,
+                config.focus_tokens as u64,
+            );
+            let shown = tokenized.chunk_text(&shown, &*backend)?;
             c.seed.text = focused_seed(&c.seed.text, &shown);
         }
     }

@@ -2,7 +2,7 @@
 //! loop asks for and stores — shared prefix once per chunk and role, answer ids and top-k rows as
 //! returned — and that a backend returning malformed top-k is refused.
 
-use cartridge_formats::dataset::{Dataset, ReadOptions};
+use cartridge_formats::dataset::{Dataset, ReadOptions, Record};
 use cartridge_formats::fingerprint::sha256_hex;
 use cartridge_formats::ModelFingerprint;
 use cartridge_selfstudy::corpus::{Corpus, CorpusFile};
@@ -205,11 +205,12 @@ fn malformed_top_k_from_a_backend_is_refused() {
     assert!(err.to_string().contains("different widths"), "{err}");
 }
 
-#[test]
-fn focus_shows_only_the_user_role_a_passage_of_the_chunk() {
-    // Distinct words, so a passage's place in the corpus is unambiguous.
+/// Eight conversations in one chunk holding the whole corpus, whose words are distinct so a
+/// quote's place in it is unambiguous; `tweak` sets what a test is about. Returns the corpus
+/// text, the fake (with every prompt it was sent) and the stored records.
+fn run_on_distinct_words(tweak: impl FnOnce(&mut SynthesisConfig)) -> (String, Fake, Vec<Record>) {
     let text: String = (0..400).map(|i| format!("w{i:03} ")).collect();
-    let config = SynthesisConfig {
+    let mut config = SynthesisConfig {
         num_conversations: 8,
         batch: 8,
         chunk_min_tokens: 4096,
@@ -218,6 +219,7 @@ fn focus_shows_only_the_user_role_a_passage_of_the_chunk() {
         top_k: 3,
         ..SynthesisConfig::default()
     };
+    tweak(&mut config);
     let out = tempfile::tempdir().expect("tmp");
     let mut fake = Fake::new(false);
     synthesize(
@@ -229,6 +231,16 @@ fn focus_shows_only_the_user_role_a_passage_of_the_chunk() {
         |_| {},
     )
     .expect("run");
+    let recs = Dataset::open(out.path(), ReadOptions::default())
+        .expect("open")
+        .records()
+        .expect("records");
+    (text, fake, recs)
+}
+
+#[test]
+fn focus_shows_only_the_user_role_a_passage_of_the_chunk() {
+    let (text, fake, recs) = run_on_distinct_words(|_| {});
     let mut passages = std::collections::BTreeSet::new();
     for (prompt, teacher) in &fake.prompts {
         let shown = fake.decode(prompt).expect("decode");
@@ -252,10 +264,6 @@ fn focus_shows_only_the_user_role_a_passage_of_the_chunk() {
         "every conversation got the same passage"
     );
     // The stored seed prompt is what the user role saw; training tokens hold no passage.
-    let recs = Dataset::open(out.path(), ReadOptions::default())
-        .expect("open")
-        .records()
-        .expect("records");
     for r in &recs {
         assert!(r.seed_prompt.starts_with("Here is one passage"));
         let tokens = fake.decode(&r.tokens).expect("decode");
@@ -268,33 +276,10 @@ fn focus_shows_only_the_user_role_a_passage_of_the_chunk() {
 
 #[test]
 fn recall_seeds_quote_the_chunk_and_skip_the_user_role() {
-    let text: String = (0..400).map(|i| format!("w{i:03} ")).collect();
-    let config = SynthesisConfig {
-        num_conversations: 8,
-        batch: 8,
-        chunk_min_tokens: 4096,
-        chunk_max_tokens: 4096,
-        seed_weights: SeedWeights::parse("recall=1,question=1").expect("weights"),
-        focus_tokens: 30,
-        turns: 2,
-        top_k: 3,
-        ..SynthesisConfig::default()
-    };
-    let out = tempfile::tempdir().expect("tmp");
-    let mut fake = Fake::new(false);
-    synthesize(
-        &config,
-        &mut fake,
-        &corpus_of(text.clone()),
-        out.path(),
-        false,
-        |_| {},
-    )
-    .expect("run");
-    let recs = Dataset::open(out.path(), ReadOptions::default())
-        .expect("open")
-        .records()
-        .expect("records");
+    let (text, fake, recs) = run_on_distinct_words(|c| {
+        c.seed_weights = SeedWeights::parse("recall=1,question=1").expect("weights");
+        c.turns = 2;
+    });
     let recall: Vec<_> = recs.iter().filter(|r| r.seed_kind == "recall").collect();
     let questions = recs.len() - recall.len();
     assert!(!recall.is_empty() && questions > 0, "both kinds drawn");
