@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::answers::GeneratedAnswer;
 use crate::mode::ModeKind;
 use crate::score::ItemScore;
+use crate::stats::{paired, wilson_interval, PairedComparison};
 
 /// Aggregates of generated answers.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -15,6 +16,12 @@ pub struct GeneratedSummary {
     pub exact_match: f64,
     /// Share of answers that contain the reference.
     pub contains_match: f64,
+    /// Answers scored.
+    pub answers: usize,
+    /// Answers that contain the reference.
+    pub contains_hits: usize,
+    /// 95% Wilson interval of `contains_match`.
+    pub contains_interval: (f64, f64),
     /// Mean chrF2 (0 to 100).
     pub chrf: f64,
 }
@@ -50,9 +57,13 @@ impl QaSummary {
             (mc_items > 0).then(|| correct.iter().filter(|&&c| c).count() as f64 / mc_items as f64);
         let generated = generated.filter(|g| !g.is_empty()).map(|g| {
             let k = g.len() as f64;
+            let contains_hits = g.iter().filter(|a| a.contains).count();
             GeneratedSummary {
                 exact_match: g.iter().filter(|a| a.exact).count() as f64 / k,
-                contains_match: g.iter().filter(|a| a.contains).count() as f64 / k,
+                contains_match: contains_hits as f64 / k,
+                answers: g.len(),
+                contains_hits,
+                contains_interval: wilson_interval(contains_hits, g.len()),
                 chrf: g.iter().map(|a| a.chrf).sum::<f64>() / k,
             }
         });
@@ -110,6 +121,9 @@ pub struct ModeReport {
     pub gap_closed_capped: Option<f64>,
     /// `(bare - mode) / (bare - ICL)` on the KL to the teacher.
     pub kl_gap_closed: Option<f64>,
+    /// Contains-match of the generated answers against ICL's, question by question (every
+    /// generating mode but ICL itself, when ICL generated too).
+    pub contains_vs_icl: Option<PairedComparison>,
     /// Per-question results.
     pub items: Vec<ItemResult>,
 }
@@ -129,6 +143,7 @@ impl ModeReport {
             gap_closed: None,
             gap_closed_capped: None,
             kl_gap_closed: None,
+            contains_vs_icl: None,
             items: Vec::new(),
         }
     }
@@ -200,6 +215,29 @@ impl Report {
                 }
                 _ => None,
             };
+        }
+    }
+
+    /// Compare every mode's generated answers with ICL's, question by question.
+    pub fn compare_with_icl(&mut self) {
+        let hits = |m: &ModeReport| -> Option<Vec<bool>> {
+            m.items
+                .iter()
+                .map(|i| i.generated.as_ref().map(|g| g.contains))
+                .collect()
+        };
+        let Some(icl) = self
+            .modes
+            .iter()
+            .find(|m| m.kind == ModeKind::Icl && m.skipped.is_none())
+            .and_then(hits)
+        else {
+            return;
+        };
+        for m in &mut self.modes {
+            if m.kind != ModeKind::Icl && m.skipped.is_none() {
+                m.contains_vs_icl = hits(m).and_then(|h| paired(&h, &icl));
+            }
         }
     }
 

@@ -196,5 +196,6 @@ pub fn evaluate(
         notes: Vec::new(),
     };
     report.compute_gaps();
+    report.compare_with_icl();
     Ok(report)
 }

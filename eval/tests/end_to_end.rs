@@ -227,6 +227,27 @@ fn modes_agree_where_they_are_the_same_computation() {
         assert_eq!(m.items.len(), 4);
         assert!(m.items.iter().all(|i| i.generated.is_some()));
         assert!(m.time_to_first_token_s.expect("ttft") > 0.0);
+
+        // The contains figures count the same answers the items show, with an interval around
+        // the share, and every mode but ICL is compared with ICL's answers question by question.
+        let hits = m
+            .items
+            .iter()
+            .filter(|i| i.generated.as_ref().is_some_and(|g| g.contains))
+            .count();
+        assert_eq!((g.answers, g.contains_hits), (4, hits));
+        let (lo, hi) = g.contains_interval;
+        assert!(lo <= g.contains_match && g.contains_match <= hi && lo < hi);
+        if m.kind == ModeKind::Icl {
+            assert!(m.contains_vs_icl.is_none());
+        } else {
+            let c = m.contains_vs_icl.expect("compared with ICL");
+            let icl_hits = icl.qa.and_then(|q| q.generated).expect("ICL generated");
+            assert_eq!(c.questions, 4);
+            assert_eq!(c.both + c.only_this, hits, "{}", m.name);
+            assert_eq!(c.both + c.only_other, icl_hits.contains_hits, "{}", m.name);
+            assert!((0.0..=1.0).contains(&c.p_value));
+        }
     }
 }
 

@@ -332,7 +332,7 @@ fn plot_of(report: &Report) -> Scatter {
     }
 }
 
-fn cell(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+fn cell<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
     v.map_or_else(|| "-".to_string(), f)
 }
 
@@ -359,7 +359,15 @@ fn table(report: &Report) -> String {
             cell(m.kl, |x| format!("{x:.4}")),
             cell(m.kl_gap_closed, pct),
             cell(generated.map(|g| g.exact_match), pct),
-            cell(generated.map(|g| g.contains_match), pct),
+            cell(generated, |g| {
+                let (lo, hi) = g.contains_interval;
+                format!(
+                    "{:.0}% ({:.0}-{:.0})",
+                    100.0 * g.contains_match,
+                    100.0 * lo,
+                    100.0 * hi
+                )
+            }),
             cell(generated.map(|g| g.chrf), |x| format!("{x:.1}")),
         ]);
         if let Some(why) = &m.skipped {
@@ -396,8 +404,82 @@ fn table(report: &Report) -> String {
     out.push_str(&format!(
         "{} questions, {} held-out conversations; ans LL: mean log-probability per reference \
          answer token; gap: share of the bare -> ICL gap closed; KL: to the self-study teacher's \
-         top-k\n",
+         top-k; contains: share of generated answers containing the reference (95% interval)\n",
         report.qa_items, report.conversations
     ));
+    out.push_str(&comparisons_with_icl(report));
     out
+}
+
+/// Two decimals, or two significant digits below 0.01 (where two decimals would print 0).
+fn p_value(p: f64) -> String {
+    if p >= 0.01 {
+        format!("{p:.2}")
+    } else {
+        format!("{p:.1e}")
+    }
+}
+
+/// One line per mode whose generated answers were compared with ICL's, question by question.
+fn comparisons_with_icl(report: &Report) -> String {
+    let mut out = String::new();
+    for m in &report.modes {
+        let Some(c) = m.contains_vs_icl else {
+            continue;
+        };
+        let (lo, hi) = c.difference_interval;
+        out.push_str(&format!(
+            "contains, {} against ICL on the same {} questions: {} right in both, {} only in {}, \
+             {} only with ICL; difference {:+.1} points (95% {:+.1} to {:+.1}), McNemar p = {}\n",
+            m.name,
+            c.questions,
+            c.both,
+            c.only_this,
+            m.name,
+            c.only_other,
+            100.0 * c.difference,
+            100.0 * lo,
+            100.0 * hi,
+            p_value(c.p_value),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use cartridge_eval::stats::paired;
+    use cartridge_eval::ModeReport;
+
+    use super::*;
+
+    #[test]
+    fn p_values_keep_two_significant_digits_when_small() {
+        assert_eq!(p_value(0.1797), "0.18");
+        assert_eq!(p_value(0.00098), "9.8e-4");
+        assert_eq!(p_value(1.0), "1.00");
+    }
+
+    #[test]
+    fn comparison_lines_name_each_mode_but_icl() {
+        let mut cart = ModeReport::new("cart".into(), ModeKind::Cartridges, 4, 0);
+        cart.contains_vs_icl = paired(&[true, true, false, false], &[true, false, true, true]);
+        let report = Report {
+            model: "m".into(),
+            qa_items: 4,
+            conversations: 0,
+            modes: vec![ModeReport::new("icl".into(), ModeKind::Icl, 9, 0), cart],
+            notes: vec![],
+        };
+        let text = comparisons_with_icl(&report);
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.starts_with(
+                "contains, cart against ICL on the same 4 questions: 1 right in both, 1 only in \
+                 cart, 2 only with ICL; difference -25.0 points"
+            ),
+            "{text}"
+        );
+        assert!(text.trim_end().ends_with("McNemar p = 1.00"), "{text}");
+    }
 }
