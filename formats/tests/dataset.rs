@@ -345,3 +345,39 @@ fn resume_removes_a_shard_whose_preamble_was_torn() {
     assert_eq!(ds.stats().expect("stats").records, 4);
     assert!(!tmp.path().join("shard-00001.cds").exists());
 }
+
+#[test]
+fn a_second_writer_is_refused_while_the_first_is_writing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut first = DatasetWriter::create(tmp.path(), manifest(b"tok")).expect("create");
+    first.append(&record(0)).expect("append");
+    first.sync().expect("sync");
+    let shard = last_shard(tmp.path());
+    let before = std::fs::read(&shard).expect("read shard");
+
+    // Resuming now would truncate the shard the first writer appends to and repeat its ids.
+    let err = DatasetWriter::resume(tmp.path(), &teacher(b"tok"), CORPUS).expect_err("busy");
+    assert!(matches!(err, DatasetError::Busy { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("(pid {})", std::process::id()))
+            && message.contains("another process"),
+        "{message}"
+    );
+    let err = DatasetWriter::create(tmp.path(), manifest(b"tok")).expect_err("busy");
+    assert!(matches!(err, DatasetError::Busy { .. }), "{err}");
+    assert_eq!(std::fs::read(&shard).expect("read shard"), before);
+
+    // The first writer goes on; once it is gone (dropped, or its process ended), resume works.
+    first.append(&record(1)).expect("append");
+    first.sync().expect("sync");
+    drop(first);
+    let (_, state) = DatasetWriter::resume(tmp.path(), &teacher(b"tok"), CORPUS).expect("resume");
+    assert_eq!(state.ids, (0..2).collect());
+    // The lock file is not a shard: readers do not see it.
+    let stats = Dataset::open(tmp.path(), ReadOptions::default())
+        .expect("open")
+        .stats()
+        .expect("stats");
+    assert_eq!(stats.records, 2);
+}

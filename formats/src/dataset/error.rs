@@ -101,6 +101,19 @@ pub enum DatasetError {
     /// The writer was given a record that breaks the rules.
     #[error("cannot write record: {0}")]
     InvalidRecord(String),
+    /// Another process holds the dataset's writer lock.
+    #[error(
+        "{}: another process{} is writing this dataset; wait for it to end (or stop it), then \
+         resume",
+        dir.display(),
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+    )]
+    Busy {
+        /// The folder.
+        dir: PathBuf,
+        /// The process id the holder wrote into the lock file, when readable.
+        holder: Option<u32>,
+    },
 }
 
 impl DatasetError {

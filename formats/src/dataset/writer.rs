@@ -2,7 +2,8 @@
 //! resume after a crash without losing or duplicating a conversation (SPEC.md D5).
 
 use std::collections::BTreeSet;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{ErrorKind, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use super::error::{DatasetError, Result};
@@ -14,6 +15,9 @@ use crate::fingerprint::ModelFingerprint;
 
 /// Default shard size cap: a new shard starts once the current one is larger.
 pub const DEFAULT_SHARD_BYTES: u64 = 64 << 20;
+
+/// The file whose exclusive lock marks a dataset folder as being written (SPEC.md D5).
+pub const WRITER_LOCK_FILE: &str = "writer.lock";
 
 /// What was found when resuming.
 #[derive(Debug, Clone, Default)]
@@ -36,6 +40,9 @@ pub struct DatasetWriter {
     next_shard: u64,
     current: Option<ShardWriter>,
     records: u64,
+    /// Held for the writer's life: a second writer would truncate the shard this one appends to
+    /// as a "torn tail" and write the same conversation ids again.
+    _lock: Option<File>,
 }
 
 impl DatasetWriter {
@@ -43,23 +50,26 @@ impl DatasetWriter {
     /// manifest or shards.
     pub fn create(dir: &Path, manifest: Manifest) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| DatasetError::io(dir, e))?;
+        let lock = lock_writer(dir)?;
         if dir.join(MANIFEST_FILE).exists() || !list_shards(dir)?.is_empty() {
             return Err(DatasetError::AlreadyExists {
                 dir: dir.to_path_buf(),
             });
         }
         manifest.write(dir)?;
-        Ok(Self::new(dir, manifest, 0))
+        Ok(Self::new(dir, manifest, 0, lock))
     }
 
     /// Reopen `dir` to append: refuse another teacher or corpus, truncate a torn tail of the
-    /// last shard, collect the ids present. New records go to a new shard.
+    /// last shard, collect the ids present. New records go to a new shard. Refused while another
+    /// writer holds the folder.
     pub fn resume(
         dir: &Path,
         teacher: &ModelFingerprint,
         corpus_digest: &str,
     ) -> Result<(Self, ResumeState)> {
         let manifest = Manifest::read(dir)?;
+        let lock = lock_writer(dir)?;
         manifest.check_teacher(teacher)?;
         if manifest.corpus_digest != corpus_digest {
             return Err(DatasetError::Manifest {
@@ -109,12 +119,12 @@ impl DatasetWriter {
             }
         }
         let next = shards.last().map_or(0, |(n, _)| n + 1);
-        let mut w = Self::new(dir, manifest, next);
+        let mut w = Self::new(dir, manifest, next, lock);
         w.records = state.ids.len() as u64;
         Ok((w, state))
     }
 
-    fn new(dir: &Path, manifest: Manifest, next_shard: u64) -> Self {
+    fn new(dir: &Path, manifest: Manifest, next_shard: u64, lock: Option<File>) -> Self {
         let teacher_id = manifest.teacher_id();
         Self {
             dir: dir.to_path_buf(),
@@ -124,6 +134,7 @@ impl DatasetWriter {
             next_shard,
             current: None,
             records: 0,
+            _lock: lock,
         }
     }
 
@@ -179,6 +190,43 @@ impl DatasetWriter {
             None => Ok(()),
         }
     }
+}
+
+/// Take the exclusive lock on `dir`'s [`WRITER_LOCK_FILE`] and write this process's id into it.
+/// The operating system releases the lock when the process ends, however it ends, so a killed
+/// writer leaves nothing stale to clean up. `None` where the file system cannot lock (the writer
+/// then runs unguarded, as before locks existed).
+fn lock_writer(dir: &Path) -> Result<Option<File>> {
+    let path = dir.join(WRITER_LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| DatasetError::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let holder = file
+                .read_to_string(&mut text)
+                .ok()
+                .and_then(|_| text.trim().parse().ok());
+            return Err(DatasetError::Busy {
+                dir: dir.to_path_buf(),
+                holder,
+            });
+        }
+        Err(TryLockError::Error(e)) if e.kind() == ErrorKind::Unsupported => return Ok(None),
+        Err(TryLockError::Error(e)) => return Err(DatasetError::io(&path, e)),
+    }
+    // The id is only for the message another writer prints; failing to write it is harmless.
+    let _ = file
+        .set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()));
+    Ok(Some(file))
 }
 
 fn truncate(path: &Path, len: u64) -> Result<()> {
