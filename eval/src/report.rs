@@ -187,9 +187,7 @@ impl Report {
     /// Fill in the gap figures against the first evaluated bare and ICL modes.
     pub fn compute_gaps(&mut self) {
         let find = |kind: ModeKind| {
-            self.modes
-                .iter()
-                .find(|m| m.kind == kind && m.skipped.is_none())
+            self.first_evaluated(kind)
                 .map(|m| (m.qa.map(|q| q.answer_logprob), m.kl))
         };
         let (Some(bare), Some(icl)) = (find(ModeKind::Bare), find(ModeKind::Icl)) else {
@@ -218,6 +216,14 @@ impl Report {
         }
     }
 
+    /// The first mode of `kind` that was evaluated (not skipped): the reference the others are
+    /// measured against.
+    fn first_evaluated(&self, kind: ModeKind) -> Option<&ModeReport> {
+        self.modes
+            .iter()
+            .find(|m| m.kind == kind && m.skipped.is_none())
+    }
+
     /// Compare every mode's generated answers with ICL's, question by question.
     pub fn compare_with_icl(&mut self) {
         let hits = |m: &ModeReport| -> Option<Vec<bool>> {
@@ -226,12 +232,7 @@ impl Report {
                 .map(|i| i.generated.as_ref().map(|g| g.contains))
                 .collect()
         };
-        let Some(icl) = self
-            .modes
-            .iter()
-            .find(|m| m.kind == ModeKind::Icl && m.skipped.is_none())
-            .and_then(hits)
-        else {
+        let Some(icl) = self.first_evaluated(ModeKind::Icl).and_then(hits) else {
             return;
         };
         for m in &mut self.modes {
