@@ -56,7 +56,7 @@ fn main() -> ExitCode {
     let argv = match config_file::expand::<Cli>(std::env::args_os().collect()) {
         Ok(argv) => argv,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             if is_bad_input(&e) {
                 ExitCode::from(EXIT_BAD_INPUT)
             } else {
@@ -85,6 +85,23 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The error and its causes on one line, each said once. Most errors here already end with their
+/// cause (`path: reason`), which anyhow's `{:#}` would print a second time.
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if part.is_empty() || text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 /// Whether an error is about the user's input (a corrupt or foreign `.cart`, a model mismatch, a
@@ -103,4 +120,20 @@ fn is_bad_input(e: &anyhow::Error) -> bool {
                 Some(cartridge_runtime::Error::Cart(_))
             )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_that_ends_with_its_cause_says_it_once_and_context_is_kept() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = anyhow::Error::new(cartridge_compiler::Error::io("/x/y.lock", io));
+        assert_eq!(describe(&e), "/x/y.lock: No such file");
+        let e = e.context("training");
+        assert_eq!(describe(&e), "training: /x/y.lock: No such file");
+        let plain = anyhow::anyhow!("a").context("b");
+        assert_eq!(describe(&plain), "b: a");
+    }
 }

@@ -31,6 +31,19 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
+    /// Another process is training into the same output.
+    #[error(
+        "{}: another process{} is training into this output; wait for it to end (or stop it), \
+         then resume",
+        out.display(),
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+    )]
+    Busy {
+        /// The artifact being written.
+        out: PathBuf,
+        /// The process id the holder wrote into the lock file, when readable.
+        holder: Option<u32>,
+    },
     /// The training settings are unusable (with a message that says which and why).
     #[error("invalid training settings: {0}")]
     Config(String),

@@ -11,6 +11,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use cartridge_formats::cart::Provenance;
 use cartridge_formats::dataset::{Dataset, Record};
+use cartridge_formats::lock::{self, Acquired, LockFile};
 use cartridge_formats::ModelFingerprint;
 use cartridge_runtime::cartridge_file::{save_cartridge, save_soft_prompt, SoftPrompt};
 use cartridge_runtime::{Path, PrefixKv, Transformer};
@@ -156,6 +157,24 @@ fn with_suffix(out: &FsPath, suffix: &str) -> PathBuf {
         .unwrap_or_else(|| "cartridge".into());
     name.push(suffix);
     out.with_file_name(name)
+}
+
+/// Hold `OUT.lock` (next to the artifact, removed when training ends) for the run: a second run
+/// into the same output would interleave its checkpoints and metrics with this one's. The
+/// output's folder is created first, so a mistyped one shows now rather than after training.
+fn lock_output(out: &FsPath) -> Result<Option<LockFile>> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let path = with_suffix(out, ".lock");
+    match lock::try_lock(&path, true).map_err(|e| Error::io(&path, e))? {
+        Acquired::Held(held) => Ok(Some(held)),
+        Acquired::Busy { holder } => Err(Error::Busy {
+            out: out.to_path_buf(),
+            holder,
+        }),
+        Acquired::Unsupported => Ok(None),
+    }
 }
 
 /// SHA-256 over everything training reads from the examples: a resumed run must see the same data.
@@ -323,6 +342,7 @@ pub fn train(
 ) -> Result<TrainSummary> {
     let started = Instant::now();
     cfg.validate()?;
+    let _lock = lock_output(out)?;
     let net = model.transformer;
     if net.dtype() != cfg.compute_dtype.dtype() {
         return Err(Error::Config(format!(

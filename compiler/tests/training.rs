@@ -1,7 +1,7 @@
 //! Training on a tiny random model: the held-out loss falls, frozen slots stay put, a stopped and
 //! resumed run writes the same bytes as an uninterrupted one, the `.cart` loads in the runtime
 //! (and is refused by another model), the soft-prompt path trains, and the row-gathered loss
-//! equals the textbook full-vocabulary formula.
+//! equals the textbook full-vocabulary formula; two runs never write the same output at once.
 
 mod common;
 
@@ -253,6 +253,37 @@ fn run_err(cfg: &TrainConfig, out: &std::path::Path, opts: &RunOptions) -> Strin
     )
     .expect_err("the run is refused")
     .to_string()
+}
+
+#[test]
+fn a_second_run_into_the_same_output_is_refused_while_the_first_holds_it() {
+    use cartridge_formats::lock::{try_lock, Acquired};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("runs/busy.cart");
+    let c = TrainConfig {
+        max_steps: Some(2),
+        ..cfg()
+    };
+    // The output's folder is made by training itself; stand in for a first run holding the lock.
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let Acquired::Held(first) = try_lock(&dir.path().join("runs/busy.lock"), true).unwrap() else {
+        panic!("the stand-in takes the lock")
+    };
+    let err = run_err(&c, &out, &opts());
+    assert!(
+        err.contains("another process") && err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    assert!(!out.exists() && !dir.path().join("runs/busy.ckpt").exists());
+    drop(first);
+
+    // Once it is gone, a run goes ahead in a folder it creates and leaves no lock file behind.
+    let fresh = dir.path().join("new/folder/ok.cart");
+    let (s, _) = run(&c, &fresh, &opts());
+    assert!(s.finished && fresh.is_file());
+    assert!(!dir.path().join("new/folder/ok.lock").exists());
+    let (s, _) = run(&c, &out, &opts());
+    assert!(s.finished && !dir.path().join("runs/busy.lock").exists());
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //!
 //! - [`cart`]: the `.cart` container (KV cartridges and soft prompts), specified in `SPEC.md`;
 //! - [`fingerprint`]: model identity, so a cartridge is never used on another model;
-//! - [`atomic`]: atomic file replacement used by every writer.
+//! - [`atomic`]: atomic file replacement used by every writer;
+//! - [`lock`]: exclusive lock files, so two processes never write the same dataset or output.
 //!
 //! ```
 //! use cartridge_formats::cart::{self, Compression, DType, Dims, KvDims, Provenance};
@@ -32,6 +33,7 @@ pub mod atomic;
 pub mod cart;
 pub mod dataset;
 pub mod fingerprint;
+pub mod lock;
 pub mod time;
 
 pub use fingerprint::{ModelFingerprint, WeightSampler};

@@ -2,8 +2,7 @@
 //! resume after a crash without losing or duplicating a conversation (SPEC.md D5).
 
 use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{ErrorKind, Read, Seek, Write};
+use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use super::error::{DatasetError, Result};
@@ -12,6 +11,7 @@ use super::reader::{list_shards, shard_name};
 use super::record::Record;
 use super::shard::{self, ShardWriter};
 use crate::fingerprint::ModelFingerprint;
+use crate::lock::{self, Acquired, LockFile};
 
 /// Default shard size cap: a new shard starts once the current one is larger.
 pub const DEFAULT_SHARD_BYTES: u64 = 64 << 20;
@@ -42,7 +42,7 @@ pub struct DatasetWriter {
     records: u64,
     /// Held for the writer's life: a second writer would truncate the shard this one appends to
     /// as a "torn tail" and write the same conversation ids again.
-    _lock: Option<File>,
+    _lock: Option<LockFile>,
 }
 
 impl DatasetWriter {
@@ -124,7 +124,7 @@ impl DatasetWriter {
         Ok((w, state))
     }
 
-    fn new(dir: &Path, manifest: Manifest, next_shard: u64, lock: Option<File>) -> Self {
+    fn new(dir: &Path, manifest: Manifest, next_shard: u64, lock: Option<LockFile>) -> Self {
         let teacher_id = manifest.teacher_id();
         Self {
             dir: dir.to_path_buf(),
@@ -192,41 +192,19 @@ impl DatasetWriter {
     }
 }
 
-/// Take the exclusive lock on `dir`'s [`WRITER_LOCK_FILE`] and write this process's id into it.
-/// The operating system releases the lock when the process ends, however it ends, so a killed
-/// writer leaves nothing stale to clean up. `None` where the file system cannot lock (the writer
-/// then runs unguarded, as before locks existed).
-fn lock_writer(dir: &Path) -> Result<Option<File>> {
+/// Take the exclusive lock on `dir`'s [`WRITER_LOCK_FILE`] (kept in the folder; SPEC.md D5).
+/// `None` where the file system cannot lock (the writer then runs unguarded, as before locks
+/// existed).
+fn lock_writer(dir: &Path) -> Result<Option<LockFile>> {
     let path = dir.join(WRITER_LOCK_FILE);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| DatasetError::io(&path, e))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(TryLockError::WouldBlock) => {
-            let mut text = String::new();
-            let holder = file
-                .read_to_string(&mut text)
-                .ok()
-                .and_then(|_| text.trim().parse().ok());
-            return Err(DatasetError::Busy {
-                dir: dir.to_path_buf(),
-                holder,
-            });
-        }
-        Err(TryLockError::Error(e)) if e.kind() == ErrorKind::Unsupported => return Ok(None),
-        Err(TryLockError::Error(e)) => return Err(DatasetError::io(&path, e)),
+    match lock::try_lock(&path, false).map_err(|e| DatasetError::io(&path, e))? {
+        Acquired::Held(held) => Ok(Some(held)),
+        Acquired::Busy { holder } => Err(DatasetError::Busy {
+            dir: dir.to_path_buf(),
+            holder,
+        }),
+        Acquired::Unsupported => Ok(None),
     }
-    // The id is only for the message another writer prints; failing to write it is harmless.
-    let _ = file
-        .set_len(0)
-        .and_then(|()| file.rewind())
-        .and_then(|()| writeln!(file, "{}", std::process::id()));
-    Ok(Some(file))
 }
 
 fn truncate(path: &Path, len: u64) -> Result<()> {
