@@ -113,7 +113,7 @@ fn is_bad_input(e: &anyhow::Error) -> bool {
             || cause.is::<cartridge_runtime::device::DeviceError>()
             || matches!(
                 cause.downcast_ref::<cartridge_eval::Error>(),
-                Some(cartridge_eval::Error::QaLine { .. })
+                Some(cartridge_eval::Error::QaLine { .. } | cartridge_eval::Error::Reuse { .. })
             )
             || matches!(
                 cause.downcast_ref::<cartridge_runtime::Error>(),

@@ -13,7 +13,7 @@ use crate::text_match::{chrf, contains_match, exact_match};
 const GENERATE_BATCH: usize = 16;
 
 /// One generated answer and how it compares with the reference.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct GeneratedAnswer {
     /// The answer, special tokens dropped, whitespace trimmed.
     pub text: String,

@@ -39,6 +39,14 @@ pub enum Error {
         /// What is wrong with the line.
         message: String,
     },
+    /// An earlier report given to `--reuse` cannot stand in for this run's modes.
+    #[error("{}: cannot reuse its modes: {message}", path.display())]
+    Reuse {
+        /// The earlier report.
+        path: PathBuf,
+        /// Why not.
+        message: String,
+    },
     /// The evaluation cannot run as asked (with a message that says why).
     #[error("{0}")]
     Config(String),

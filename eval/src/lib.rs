@@ -13,7 +13,9 @@
 //! - KV memory of the prefix and the time to the first answer token;
 //! - derived: the share of the bare -> ICL gap a mode closes ([`report`]), and how sure the
 //!   accuracy figures are: 95% intervals, and each mode's answers against ICL's question by
-//!   question ([`stats`]).
+//!   question ([`stats`]);
+//! - reuse: the reference modes (bare, ICL) of an earlier report stand in for measuring them
+//!   again when nothing they depend on changed ([`reuse`]).
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -37,6 +39,7 @@ pub mod kl;
 pub mod mode;
 pub mod qa;
 pub mod report;
+pub mod reuse;
 mod run;
 pub mod score;
 pub mod stats;
@@ -46,4 +49,4 @@ pub use corpus_context::CorpusContext;
 pub use error::{Error, Result};
 pub use mode::{EvalModel, Mode, ModeKind, PreparedMode};
 pub use report::{ModeReport, Report};
-pub use run::{evaluate, EvalData, EvalOptions};
+pub use run::{data_digest, evaluate, EvalData, EvalOptions};

@@ -2,7 +2,7 @@
 //! "gap closed" figures.
 
 use cartridge_compiler::eval::gap_closed;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::answers::GeneratedAnswer;
 use crate::mode::ModeKind;
@@ -10,7 +10,7 @@ use crate::score::ItemScore;
 use crate::stats::{paired, wilson_interval, PairedComparison};
 
 /// Aggregates of generated answers.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct GeneratedSummary {
     /// Share of answers equal to the reference after normalisation.
     pub exact_match: f64,
@@ -27,7 +27,7 @@ pub struct GeneratedSummary {
 }
 
 /// Aggregates over the questions of one mode.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct QaSummary {
     /// Questions scored.
     pub items: usize,
@@ -79,7 +79,7 @@ impl QaSummary {
 }
 
 /// One question's result in one mode.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ItemResult {
     /// The question.
     pub question: String,
@@ -93,7 +93,7 @@ pub struct ItemResult {
 }
 
 /// Everything measured for one mode.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModeReport {
     /// The mode's name.
     pub name: String,
@@ -126,6 +126,9 @@ pub struct ModeReport {
     pub contains_vs_icl: Option<PairedComparison>,
     /// Per-question results.
     pub items: Vec<ItemResult>,
+    /// The earlier report this mode was taken from instead of being measured (`--reuse`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reused_from: Option<String>,
 }
 
 impl ModeReport {
@@ -145,6 +148,7 @@ impl ModeReport {
             kl_gap_closed: None,
             contains_vs_icl: None,
             items: Vec::new(),
+            reused_from: None,
         }
     }
 
@@ -169,7 +173,7 @@ fn finite(x: f64) -> Option<f64> {
 }
 
 /// The whole evaluation.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// The model's fingerprint (short form).
     pub model: String,
@@ -177,6 +181,14 @@ pub struct Report {
     pub qa_items: usize,
     /// Held-out conversations evaluated.
     pub conversations: usize,
+    /// SHA-256 of what every mode was measured on: the questions, the conversations and the
+    /// generation settings (empty in reports from before it was recorded).
+    #[serde(default)]
+    pub data_digest: String,
+    /// SHA-256 of the in-context modes' system message (corpus and description), when the
+    /// report has them.
+    #[serde(default)]
+    pub icl_context: Option<String>,
     /// Every mode, in the order asked.
     pub modes: Vec<ModeReport>,
     /// Things the reader should know (e.g. the corpus differs from the dataset's).
@@ -306,6 +318,8 @@ mod tests {
             model: "m".into(),
             qa_items: 2,
             conversations: 0,
+            data_digest: String::new(),
+            icl_context: None,
             modes: vec![
                 mode("bare", ModeKind::Bare, &[-5.0, -3.0]),
                 mode("icl", ModeKind::Icl, &[-1.0, -4.0]),

@@ -5,6 +5,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use cartridge_compiler::data::Example;
 use cartridge_runtime::{Logits, Path};
+use sha2::{Digest, Sha256};
 
 use crate::answers::generate_answers;
 use crate::error::{Error, Result};
@@ -45,6 +46,52 @@ impl Default for EvalOptions {
             stop_tokens: Vec::new(),
         }
     }
+}
+
+/// SHA-256 of what every mode is measured on: the questions with their references and options,
+/// the held-out conversations with the teacher's top-k, and the generation settings. Two reports
+/// with the same digest (and model) measured their modes on the same thing, so a mode of one can
+/// stand in the other (`cartridge eval --reuse`).
+pub fn data_digest(data: &EvalData, options: &EvalOptions) -> String {
+    let mut h = Sha256::new();
+    let text = |h: &mut Sha256, s: &str| {
+        h.update((s.len() as u64).to_le_bytes());
+        h.update(s.as_bytes());
+    };
+    h.update((data.qa.len() as u64).to_le_bytes());
+    for item in &data.qa {
+        text(&mut h, &item.question);
+        text(&mut h, &item.answer);
+        match &item.choices {
+            Some(c) => {
+                h.update((c.options.len() as u64 + 1).to_le_bytes());
+                for o in &c.options {
+                    text(&mut h, o);
+                }
+                h.update((c.answer_index as u64).to_le_bytes());
+            }
+            None => h.update(0u64.to_le_bytes()),
+        }
+    }
+    let ids = |h: &mut Sha256, v: &[u32]| {
+        h.update((v.len() as u64).to_le_bytes());
+        for x in v {
+            h.update(x.to_le_bytes());
+        }
+    };
+    h.update((data.conversations.len() as u64).to_le_bytes());
+    for e in &data.conversations {
+        ids(&mut h, &e.tokens);
+        ids(&mut h, &e.rows);
+        ids(&mut h, &e.topk_ids);
+        h.update((e.topk_logprobs.len() as u64).to_le_bytes());
+        for x in &e.topk_logprobs {
+            h.update(x.to_le_bytes());
+        }
+    }
+    h.update(options.generate.map_or(0, |n| n as u64 + 1).to_le_bytes());
+    ids(&mut h, &options.stop_tokens);
+    format!("sha256:{:x}", h.finalize())
 }
 
 /// The first prompt a user would send in this evaluation: the first question, else the first
@@ -192,6 +239,8 @@ pub fn evaluate(
         model: fingerprint.to_string(),
         qa_items: data.qa.len(),
         conversations: data.conversations.len(),
+        data_digest: data_digest(data, options),
+        icl_context: None,
         modes: reports,
         notes: Vec::new(),
     };

@@ -86,7 +86,7 @@ fn batch_logprobs(
 }
 
 /// How one question scored in one mode.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ItemScore {
     /// Mean log-probability per token of the reference answer.
     pub answer_logprob: f64,

@@ -24,7 +24,7 @@ pub fn wilson_interval(hits: usize, n: usize) -> (f64, f64) {
 }
 
 /// Two modes' right and wrong answers on the same questions.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct PairedComparison {
     /// Questions compared.
     pub questions: usize,

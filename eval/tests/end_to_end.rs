@@ -10,8 +10,8 @@ use candle_core::{Device, Tensor};
 use cartridge_eval::corpus_context::system_ids;
 use cartridge_eval::kl::{select_examples, Selection};
 use cartridge_eval::{
-    evaluate, qa, CorpusContext, EvalData, EvalModel, EvalOptions, Mode, ModeKind, ModeReport,
-    Report,
+    data_digest, evaluate, qa, reuse, CorpusContext, EvalData, EvalModel, EvalOptions, Mode,
+    ModeKind, ModeReport, Report,
 };
 use cartridge_formats::dataset::{Dataset, ReadOptions};
 use cartridge_runtime::loader::{self, LoadedModel};
@@ -249,6 +249,84 @@ fn modes_agree_where_they_are_the_same_computation() {
             assert!((0.0..=1.0).contains(&c.p_value));
         }
     }
+
+    // Reuse: the report read back from its JSON stands in for measuring the reference modes
+    // again; a run of the other modes that adopts them reads like the run that measured all.
+    let mut report = report;
+    report.icl_context = Some(reuse::icl_context_digest(&full));
+    let path = tmp.path().join("earlier.json");
+    std::fs::write(&path, serde_json::to_string(&report).expect("json")).expect("write");
+    let earlier = reuse::read_report(&path).expect("read back");
+    let digest = data_digest(&data, &options);
+    assert_eq!(earlier.data_digest, digest);
+    let context = report.icl_context.as_deref();
+    let taken = reuse::reusable_modes(&earlier, &path, "tiny", &digest, context).expect("reuse");
+    let names = |ms: &[ModeReport]| ms.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&taken), ["bare", "icl", "icl@200"]);
+    let rest: Vec<Mode> = modes
+        .iter()
+        .filter(|m| !taken.iter().any(|t| t.name == m.name))
+        .cloned()
+        .collect();
+    let mut again = evaluate(model, "tiny", &rest, &data, &options, |_| {}).expect("evaluate");
+    again.icl_context = report.icl_context.clone();
+    again.adopt(taken, "earlier.json", earlier.icl_context.clone());
+    assert_eq!(names(&again.modes), names(&report.modes));
+    assert!(again
+        .notes
+        .iter()
+        .any(|n| n.contains("taken from earlier.json")));
+    for (a, b) in again.modes.iter().zip(&report.modes) {
+        assert_eq!(
+            a.reused_from.is_some(),
+            reuse::is_reference(a.kind),
+            "{}",
+            a.name
+        );
+        assert_eq!(a.items.len(), b.items.len());
+        let close = |x: Option<f64>, y: Option<f64>| match (x, y) {
+            (Some(x), Some(y)) => (x - y).abs() < 1e-9,
+            (x, y) => x.is_none() && y.is_none(),
+        };
+        assert!(close(a.gap_closed, b.gap_closed), "{}", a.name);
+        assert!(
+            close(a.gap_closed_capped, b.gap_closed_capped),
+            "{}",
+            a.name
+        );
+        assert!(close(a.kl_gap_closed, b.kl_gap_closed), "{}", a.name);
+        let counts = |m: &ModeReport| {
+            m.contains_vs_icl
+                .map(|c| (c.questions, c.both, c.only_this, c.only_other))
+        };
+        assert_eq!(counts(a), counts(b), "{}", a.name);
+    }
+
+    // Refused: another model, other data or generation settings, another corpus in the ICL
+    // prompt, a report from before digests, and a file that is no report.
+    let refusal = |r: &Report, model: &str, digest: &str, context: Option<&str>| {
+        reuse::reusable_modes(r, &path, model, digest, context)
+            .expect_err("refused")
+            .to_string()
+    };
+    assert!(refusal(&earlier, "other", &digest, context).contains("this run uses other"));
+    let shorter = EvalOptions {
+        generate: Some(5),
+        ..options.clone()
+    };
+    let other_digest = data_digest(&data, &shorter);
+    assert_ne!(other_digest, digest);
+    assert!(refusal(&earlier, "tiny", &other_digest, context).contains("other questions"));
+    let other_context = reuse::icl_context_digest("another corpus");
+    assert!(refusal(&earlier, "tiny", &digest, Some(&other_context)).contains("another corpus"));
+    let old = Report {
+        data_digest: String::new(),
+        ..earlier.clone()
+    };
+    assert!(refusal(&old, "tiny", &digest, context).contains("data digest"));
+    std::fs::write(&path, "{\"modes\": 3}").expect("write");
+    let err = reuse::read_report(&path).expect_err("not a report");
+    assert!(err.to_string().contains("not a report"), "{err}");
 }
 
 #[test]

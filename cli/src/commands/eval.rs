@@ -12,7 +12,8 @@ use cartridge_compiler::TrainConfig;
 use cartridge_eval::kl::{select_examples, Selection};
 use cartridge_eval::mode::ModeKind;
 use cartridge_eval::{
-    corpus_context, evaluate, qa, CorpusContext, EvalData, EvalModel, EvalOptions, Mode, Report,
+    corpus_context, data_digest, evaluate, qa, reuse, CorpusContext, EvalData, EvalModel,
+    EvalOptions, Mode, Report,
 };
 use cartridge_formats::dataset::{Dataset, ReadOptions};
 use cartridge_runtime::cartridge_file::{load_cartridge, load_soft_prompt};
@@ -87,6 +88,12 @@ pub struct Args {
     /// Print the report as one JSON object (progress as JSON lines on stderr).
     #[arg(long)]
     json: bool,
+    /// An earlier `--json` report of this evaluation: its bare and in-context modes are taken from
+    /// it instead of being measured again (the in-context one is most of an evaluation's time on
+    /// a CPU). Refused unless its model, questions, conversations, generation settings and, for
+    /// the in-context modes, corpus and description are this run's. Repeatable.
+    #[arg(long, value_name = "REPORT.json")]
+    reuse: Vec<PathBuf>,
     /// Draw quality against KV memory per mode into this PNG.
     #[arg(long, value_name = "F.png")]
     plot: Option<PathBuf>,
@@ -172,6 +179,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
     let mut modes = vec![Mode::bare()];
     let mut corpus_tokens = None;
+    let mut icl_context = None;
     if let Some(path) = &args.corpus {
         let corpus = corpus::ingest(path, &args.corpus_args.options())?;
         let ctx = CorpusContext::new(&corpus, &loaded.tokenizer, description.clone())?;
@@ -183,11 +191,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
             ));
         }
         corpus_tokens = Some(ctx.tokens());
-        modes.push(Mode::icl(
-            "icl",
-            ModeKind::Icl,
-            ctx.system_message(ctx.tokens(), &loaded.tokenizer)?,
-        ));
+        let system = ctx.system_message(ctx.tokens(), &loaded.tokenizer)?;
+        icl_context = Some(reuse::icl_context_digest(&system));
+        modes.push(Mode::icl("icl", ModeKind::Icl, system));
         let budget = args
             .icl_budget
             .or((cartridge_tokens > 0).then_some(cartridge_tokens));
@@ -260,21 +266,29 @@ pub fn run(args: Args) -> Result<ExitCode> {
         qa: questions,
         conversations,
     };
+    let fingerprint = loaded.fingerprint.short();
+    let digest = data_digest(&data, &options);
+    let mut earlier = Vec::new();
+    for path in &args.reuse {
+        let report = reuse::read_report(path)?;
+        let taken =
+            reuse::reusable_modes(&report, path, &fingerprint, &digest, icl_context.as_deref())?;
+        // What is reused is not measured again.
+        modes.retain(|m| !taken.iter().any(|t| t.name == m.name));
+        earlier.push((path.display().to_string(), taken, report.icl_context));
+    }
     let json_progress = args.json;
-    let mut report = evaluate(
-        model,
-        &loaded.fingerprint.short(),
-        &modes,
-        &data,
-        &options,
-        |line| {
-            if json_progress {
-                eprintln!("{}", json!({ "event": "progress", "message": line }));
-            } else {
-                eprintln!("{line}");
-            }
-        },
-    )?;
+    let mut report = evaluate(model, &fingerprint, &modes, &data, &options, |line| {
+        if json_progress {
+            eprintln!("{}", json!({ "event": "progress", "message": line }));
+        } else {
+            eprintln!("{line}");
+        }
+    })?;
+    report.icl_context = icl_context;
+    for (source, taken, context) in earlier {
+        report.adopt(taken, &source, context);
+    }
     report.notes.extend(notes);
     if let Some(png) = &args.plot {
         write_scatter(&plot_of(&report), png)
@@ -347,7 +361,10 @@ fn table(report: &Report) -> String {
     for m in &report.modes {
         let generated = m.qa.and_then(|q| q.generated);
         rows.push(vec![
-            m.name.clone(),
+            match &m.reused_from {
+                Some(_) => format!("{} (reused)", m.name),
+                None => m.name.clone(),
+            },
             m.prefix_tokens.to_string(),
             human_bytes(m.kv_bytes),
             cell(m.time_to_first_token_s, |s| format!("{s:.2} s")),
@@ -468,6 +485,8 @@ mod tests {
             model: "m".into(),
             qa_items: 4,
             conversations: 0,
+            data_digest: String::new(),
+            icl_context: None,
             modes: vec![ModeReport::new("icl".into(), ModeKind::Icl, 9, 0), cart],
             notes: vec![],
         };
