@@ -93,13 +93,18 @@ pub fn reusable_modes(
 }
 
 impl Report {
-    /// Add `earlier`'s modes (from [`reusable_modes`]) that this report does not have, marked as
-    /// taken from `source`, put the reference modes first (bare, ICL, ICL cut) and derive the gap
-    /// figures and the comparisons with ICL again. `icl_context` is the earlier report's.
+    /// Add `earlier`'s modes (from [`reusable_modes`]) that this report does not have (by name and
+    /// kind), marked as taken from `source`, put the reference modes first (bare, ICL, ICL cut)
+    /// and derive the gap figures and the comparisons with ICL again. `icl_context` is the earlier
+    /// report's.
     pub fn adopt(&mut self, earlier: Vec<ModeReport>, source: &str, icl_context: Option<String>) {
         let mut taken = Vec::new();
         for mut m in earlier {
-            if self.modes.iter().any(|o| o.name == m.name) {
+            if self
+                .modes
+                .iter()
+                .any(|o| o.name == m.name && o.kind == m.kind)
+            {
                 continue;
             }
             taken.push(m.name.clone());
@@ -131,5 +136,46 @@ impl Report {
             "{} measured earlier, taken from {source}",
             taken.join(", ")
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cartridge_named_like_a_reference_mode_does_not_hide_it() {
+        let mut report = Report {
+            model: "m".into(),
+            qa_items: 0,
+            conversations: 0,
+            data_digest: "d".into(),
+            icl_context: None,
+            modes: vec![ModeReport::new("icl".into(), ModeKind::Cartridges, 4, 0)],
+            notes: vec![],
+        };
+        let earlier = vec![
+            ModeReport::new("bare".into(), ModeKind::Bare, 0, 0),
+            ModeReport::new("icl".into(), ModeKind::Icl, 9, 0),
+        ];
+        report.adopt(earlier, "e.json", Some("c".into()));
+        let kinds: Vec<(&str, ModeKind, bool)> = report
+            .modes
+            .iter()
+            .map(|m| (m.name.as_str(), m.kind, m.reused_from.is_some()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("bare", ModeKind::Bare, true),
+                ("icl", ModeKind::Icl, true),
+                ("icl", ModeKind::Cartridges, false)
+            ]
+        );
+        assert_eq!(report.icl_context.as_deref(), Some("c"));
+        assert_eq!(
+            report.notes,
+            ["bare, icl measured earlier, taken from e.json"]
+        );
     }
 }

@@ -273,8 +273,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let report = reuse::read_report(path)?;
         let taken =
             reuse::reusable_modes(&report, path, &fingerprint, &digest, icl_context.as_deref())?;
-        // What is reused is not measured again.
-        modes.retain(|m| !taken.iter().any(|t| t.name == m.name));
+        // What is reused is not measured again (a cartridge file named `icl.cart` still is).
+        modes.retain(|m| !taken.iter().any(|t| t.name == m.name && t.kind == m.kind));
         earlier.push((path.display().to_string(), taken, report.icl_context));
     }
     let json_progress = args.json;
