@@ -11,7 +11,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use cartridge_formats::cart::Provenance;
 use cartridge_formats::dataset::{Dataset, Record};
-use cartridge_formats::lock::{self, Acquired, LockFile};
+use cartridge_formats::lock::{self, LockFile};
 use cartridge_formats::ModelFingerprint;
 use cartridge_runtime::cartridge_file::{save_cartridge, save_soft_prompt, SoftPrompt};
 use cartridge_runtime::{Path, PrefixKv, Transformer};
@@ -167,14 +167,11 @@ fn lock_output(out: &FsPath) -> Result<Option<LockFile>> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     let path = with_suffix(out, ".lock");
-    match lock::try_lock(&path, true).map_err(|e| Error::io(&path, e))? {
-        Acquired::Held(held) => Ok(Some(held)),
-        Acquired::Busy { holder } => Err(Error::Busy {
-            out: out.to_path_buf(),
-            holder,
-        }),
-        Acquired::Unsupported => Ok(None),
-    }
+    let acquired = lock::try_lock(&path, true).map_err(|e| Error::io(&path, e))?;
+    acquired.held().map_err(|holder| Error::Busy {
+        out: out.to_path_buf(),
+        holder,
+    })
 }
 
 /// SHA-256 over everything training reads from the examples: a resumed run must see the same data.

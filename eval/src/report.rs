@@ -196,8 +196,12 @@ pub struct Report {
 }
 
 impl Report {
-    /// Fill in the gap figures against the first evaluated bare and ICL modes.
+    /// Fill in the gap figures against the first evaluated bare and ICL modes (from scratch: the
+    /// modes may have been measured against other references before, see [`Report::adopt`]).
     pub fn compute_gaps(&mut self) {
+        for m in &mut self.modes {
+            (m.gap_closed, m.gap_closed_capped, m.kl_gap_closed) = (None, None, None);
+        }
         let find = |kind: ModeKind| {
             self.first_evaluated(kind)
                 .map(|m| (m.qa.map(|q| q.answer_logprob), m.kl))
@@ -236,8 +240,12 @@ impl Report {
             .find(|m| m.kind == kind && m.skipped.is_none())
     }
 
-    /// Compare every mode's generated answers with ICL's, question by question.
+    /// Compare every mode's generated answers with ICL's, question by question (from scratch, as
+    /// [`Report::compute_gaps`]).
     pub fn compare_with_icl(&mut self) {
+        for m in &mut self.modes {
+            m.contains_vs_icl = None;
+        }
         let hits = |m: &ModeReport| -> Option<Vec<bool>> {
             m.items
                 .iter()

@@ -124,12 +124,6 @@ impl Report {
             ModeKind::IclTruncated => 2,
             _ => 3,
         });
-        for m in &mut self.modes {
-            m.gap_closed = None;
-            m.gap_closed_capped = None;
-            m.kl_gap_closed = None;
-            m.contains_vs_icl = None;
-        }
         self.compute_gaps();
         self.compare_with_icl();
         self.notes.push(format!(

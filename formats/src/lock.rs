@@ -31,6 +31,17 @@ pub enum Acquired {
     Unsupported,
 }
 
+impl Acquired {
+    /// The lock when held (`None` where the file system cannot lock), else the holder's id.
+    pub fn held(self) -> Result<Option<LockFile>, Option<u32>> {
+        match self {
+            Acquired::Held(lock) => Ok(Some(lock)),
+            Acquired::Busy { holder } => Err(holder),
+            Acquired::Unsupported => Ok(None),
+        }
+    }
+}
+
 /// Take the exclusive lock on `path` (created if missing) without waiting.
 ///
 /// With `remove_on_drop` the file is deleted when the lock is released, so it leaves no litter

@@ -11,7 +11,7 @@ use super::reader::{list_shards, shard_name};
 use super::record::Record;
 use super::shard::{self, ShardWriter};
 use crate::fingerprint::ModelFingerprint;
-use crate::lock::{self, Acquired, LockFile};
+use crate::lock::{self, LockFile};
 
 /// Default shard size cap: a new shard starts once the current one is larger.
 pub const DEFAULT_SHARD_BYTES: u64 = 64 << 20;
@@ -197,14 +197,11 @@ impl DatasetWriter {
 /// existed).
 fn lock_writer(dir: &Path) -> Result<Option<LockFile>> {
     let path = dir.join(WRITER_LOCK_FILE);
-    match lock::try_lock(&path, false).map_err(|e| DatasetError::io(&path, e))? {
-        Acquired::Held(held) => Ok(Some(held)),
-        Acquired::Busy { holder } => Err(DatasetError::Busy {
-            dir: dir.to_path_buf(),
-            holder,
-        }),
-        Acquired::Unsupported => Ok(None),
-    }
+    let acquired = lock::try_lock(&path, false).map_err(|e| DatasetError::io(&path, e))?;
+    acquired.held().map_err(|holder| DatasetError::Busy {
+        dir: dir.to_path_buf(),
+        holder,
+    })
 }
 
 fn truncate(path: &Path, len: u64) -> Result<()> {
