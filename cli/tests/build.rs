@@ -1,6 +1,7 @@
 //! `cartridge build` end to end on the real default model (tiny settings): corpus -> dataset ->
 //! trained .cart that verifies, loads and generates; `train` refuses corpus initialisation without
-//! the corpus, and continues the built cartridge with `--init-from`.
+//! the corpus, continues the built cartridge with `--init-from`, and trains on several datasets
+//! of one corpus.
 //!
 //! Needs the default model (`scripts/fetch-model.sh`); without it the test prints a note and
 //! passes, except under CI (`CI` set), where a missing model is a failure.
@@ -129,6 +130,25 @@ fn build_writes_a_cartridge_that_serves() {
     let t = continue_with(&["--soft-prompt", "4"]);
     assert_ne!(t.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&t.stderr).contains("is a KV cartridge"));
+
+    // Several datasets train together (here the same one twice: 8 conversations, 1 held out),
+    // if they share their teacher and corpus.
+    let twice = continue_with(&["--data", data.to_str().unwrap()]);
+    assert_eq!(ok_json(&twice)["train_examples"], 7);
+    let other = dir.path().join("other.data");
+    std::fs::create_dir(&other).unwrap();
+    for f in std::fs::read_dir(&data).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), other.join(f.file_name())).unwrap();
+    }
+    let manifest = other.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m["corpus_digest"] = format!("sha256:{}", "0".repeat(64)).into();
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let t = continue_with(&["--data", other.to_str().unwrap()]);
+    assert_ne!(t.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&t.stderr).contains("another corpus"));
 
     // The selected keys are cut from the teacher's context, the system message the chat template
     // renders around the corpus: the frozen slot 0 is its first token, `<|im_start|>`, not the

@@ -47,6 +47,20 @@ pub struct CompletionOutput {
     pub stopped: bool,
 }
 
+/// The teacher's top-k at one position: `(id, natural-log probability)`, most probable first.
+pub type TopK = Vec<(u32, f32)>;
+
+/// An answer the teacher scores instead of writing (teacher forcing), after the shared prefix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scoring {
+    /// Token ids after the shared prefix, up to where the answer starts (at least one).
+    pub prompt: Vec<u32>,
+    /// The answer's token ids (at least one).
+    pub answer: Vec<u32>,
+    /// Width of the top-k recorded before each answer token.
+    pub top_logprobs: usize,
+}
+
 /// Where the time went, accumulated over calls (seconds).
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct Timings {
@@ -102,6 +116,17 @@ pub trait Backend {
         shared: &[u32],
         requests: &[Completion],
     ) -> Result<Vec<CompletionOutput>>;
+    /// Whether [`Backend::score`] works (verbatim seeds need it).
+    fn can_score(&self) -> bool {
+        false
+    }
+    /// For each request, the teacher's top-k `(id, natural-log probability)` before each of its
+    /// answer tokens, most probable first, with `shared ++ prompt` in front.
+    fn score(&mut self, _shared: &[u32], _requests: &[Scoring]) -> Result<Vec<Vec<TopK>>> {
+        Err(crate::error::Error::Config(
+            "this backend cannot score given text; verbatim seeds need the local backend".into(),
+        ))
+    }
     /// Accumulated timings (zero when the backend does not measure).
     fn timings(&self) -> Timings {
         Timings::default()

@@ -39,7 +39,7 @@ pub mod seeds;
 pub mod summary;
 pub mod synth;
 
-pub use backend::{Backend, BackendInfo, Completion, CompletionOutput, Timings};
+pub use backend::{Backend, BackendInfo, Completion, CompletionOutput, Scoring, Timings, TopK};
 pub use corpus::{ingest, Corpus, IngestOptions, InvalidUtf8};
 pub use error::{Error, Result};
 pub use seeds::{parse_seed_file, SeedKind, SeedWeights};

@@ -11,7 +11,7 @@ use cartridge_runtime::loader::LoadedModel;
 use cartridge_runtime::tokenizer::Tokenizer;
 use cartridge_runtime::{KvCache, Logits, Path, PrefixKv, Transformer};
 
-use crate::backend::{Backend, BackendInfo, Completion, CompletionOutput, Timings};
+use crate::backend::{Backend, BackendInfo, Completion, CompletionOutput, Scoring, Timings, TopK};
 use crate::error::{Error, Result};
 
 /// Prefill the shared prefix this many tokens per forward (bounds the attention scores' memory).
@@ -212,6 +212,49 @@ impl Backend for LocalBackend {
                 }
             })
             .collect())
+    }
+
+    fn can_score(&self) -> bool {
+        true
+    }
+
+    fn score(&mut self, shared: &[u32], requests: &[Scoring]) -> Result<Vec<Vec<TopK>>> {
+        let prefix = self.prefix(shared)?;
+        let t0 = Instant::now();
+        let device = self.model.device().clone();
+        let mut out = Vec::with_capacity(requests.len());
+        for r in requests {
+            if r.prompt.is_empty() || r.answer.is_empty() {
+                return Err(Error::Backend(
+                    "a scored answer needs a prompt and at least one token".into(),
+                ));
+            }
+            // The logits before answer token i sit at position prompt.len() - 1 + i; the last
+            // answer token predicts nothing we keep, so it is not fed.
+            let mut ids = r.prompt.clone();
+            ids.extend_from_slice(&r.answer[..r.answer.len() - 1]);
+            let n = ids.len();
+            let x =
+                Tensor::from_vec(ids, (1, n), &device).map_err(cartridge_runtime::Error::from)?;
+            let logits = self
+                .model
+                .forward(prefix.as_ref(), None, &x, Logits::All, Path::Infer)?;
+            let rows = logits
+                .squeeze(0)
+                .and_then(|l| l.narrow(0, r.prompt.len() - 1, r.answer.len()))
+                .and_then(|l| l.to_dtype(candle_core::DType::F32))
+                .and_then(|l| l.to_vec2::<f32>())
+                .map_err(cartridge_runtime::Error::from)?;
+            out.push(
+                rows.iter()
+                    .map(|row| generate::top_logprobs(row, r.top_logprobs))
+                    .collect(),
+            );
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        self.timings.generate_secs += secs;
+        self.timings.prompt_secs += secs;
+        Ok(out)
     }
 
     fn timings(&self) -> Timings {

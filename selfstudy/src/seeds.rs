@@ -3,7 +3,9 @@
 //! weights (uniform by default); a user file can add more phrasings. A sixth kind, `recall`, is
 //! ours and off by default: its phrasing is the user's message itself (no user role runs), asking
 //! the assistant to repeat the excerpt word for word from a quoted opening, so the teacher's
-//! answers spread the corpus's own sentences evenly over the data.
+//! answers spread the corpus's own sentences evenly over the data. A seventh, `verbatim`, asks
+//! the same, but its answer is the excerpt's own text, which the teacher scores instead of
+//! writing: a teacher too small to recite still gives its distribution at every fact.
 
 use rand::Rng;
 
@@ -28,18 +30,23 @@ pub enum SeedKind {
     /// Not written by the user role: a fixed request to repeat the excerpt word for word from
     /// an opening quoted from a random place in it (`{opening}` in the phrasing).
     Recall,
+    /// [`SeedKind::Recall`]'s request, answered with the excerpt's own text from the quoted
+    /// opening on; the teacher scores that answer (its top-k before each token) instead of
+    /// generating one. Needs a backend that can score ([`crate::backend::Backend::can_score`]).
+    Verbatim,
 }
 
 impl SeedKind {
-    /// All kinds, in a fixed order. `Recall` is last, so datasets drawn without it (weight 0)
-    /// draw exactly what they drew before it existed.
-    pub const ALL: [SeedKind; 6] = [
+    /// All kinds, in a fixed order. Kinds added later come last, so datasets drawn without them
+    /// (weight 0) draw exactly what they drew before those kinds existed.
+    pub const ALL: [SeedKind; 7] = [
         SeedKind::Structuring,
         SeedKind::Summarization,
         SeedKind::Question,
         SeedKind::UseCase,
         SeedKind::Creative,
         SeedKind::Recall,
+        SeedKind::Verbatim,
     ];
 
     /// The name stored in datasets.
@@ -51,13 +58,14 @@ impl SeedKind {
             SeedKind::UseCase => "use_case",
             SeedKind::Creative => "creative",
             SeedKind::Recall => "recall",
+            SeedKind::Verbatim => "verbatim",
         }
     }
 
     /// Whether the phrasing is sent as the user's message as it is, instead of instructing the
     /// user role to write one.
     pub fn is_fixed_message(self) -> bool {
-        self == SeedKind::Recall
+        matches!(self, SeedKind::Recall | SeedKind::Verbatim)
     }
 
     /// Parse a name (`use-case` and `use_case` both work).
@@ -70,7 +78,7 @@ impl SeedKind {
 /// Formats the structuring seeds ask for.
 const FORMATS: [&str; 6] = ["JSON", "YAML", "TOML", "XML", "a Markdown table", "CSV"];
 
-/// Where a recall phrasing quotes the opening of the text to repeat.
+/// Where a recall (or verbatim) phrasing quotes the opening of the text to repeat.
 pub const OPENING: &str = "{opening}";
 
 /// The user role's instruction after a recall seed's first exchange (turns > 1): the first
@@ -136,7 +144,7 @@ fn builtin(kind: SeedKind) -> &'static [&'static str] {
              between two people, places or components mentioned in the excerpt. Reply with the \
              request alone.",
         ],
-        SeedKind::Recall => &[
+        SeedKind::Recall | SeedKind::Verbatim => &[
             "Repeat, word for word, the passage of the excerpt that begins: \"{opening}\"",
             "Quote the excerpt exactly as written, starting from \"{opening}\".",
             "Continue the excerpt word for word from: \"{opening}\"",
@@ -161,6 +169,9 @@ pub struct SeedWeights {
     /// it existed still resume).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub recall: f64,
+    /// Verbatim (0 unless asked for; left out of stored settings when 0, like `recall`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub verbatim: f64,
 }
 
 fn is_zero(w: &f64) -> bool {
@@ -176,6 +187,7 @@ impl Default for SeedWeights {
             use_case: 1.0,
             creative: 1.0,
             recall: 0.0,
+            verbatim: 0.0,
         }
     }
 }
@@ -189,6 +201,7 @@ impl SeedWeights {
             SeedKind::UseCase => self.use_case,
             SeedKind::Creative => self.creative,
             SeedKind::Recall => self.recall,
+            SeedKind::Verbatim => self.verbatim,
         }
     }
 
@@ -201,6 +214,7 @@ impl SeedWeights {
             use_case: 0.0,
             creative: 0.0,
             recall: 0.0,
+            verbatim: 0.0,
         };
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = part
@@ -219,6 +233,7 @@ impl SeedWeights {
                 SeedKind::UseCase => w.use_case = v,
                 SeedKind::Creative => w.creative = v,
                 SeedKind::Recall => w.recall = v,
+                SeedKind::Verbatim => w.verbatim = v,
             }
         }
         Ok(w)
@@ -312,7 +327,7 @@ pub fn parse_seed_file(text: &str) -> Result<Vec<(SeedKind, String)>> {
             .ok_or_else(|| Error::Seeds(format!("line {}: expected `kind: prompt`", i + 1)))?;
         let kind = SeedKind::parse(k).ok_or_else(|| {
             Error::Seeds(format!(
-                "line {}: unknown seed kind {:?} (structuring, summarization, question, use_case, creative, recall)",
+                "line {}: unknown seed kind {:?} (structuring, summarization, question, use_case, creative, recall, verbatim)",
                 i + 1,
                 k.trim()
             ))
@@ -321,10 +336,11 @@ pub fn parse_seed_file(text: &str) -> Result<Vec<(SeedKind, String)>> {
         if p.is_empty() {
             return Err(Error::Seeds(format!("line {}: empty prompt", i + 1)));
         }
-        if kind == SeedKind::Recall && !p.contains(OPENING) {
+        if kind.is_fixed_message() && !p.contains(OPENING) {
             return Err(Error::Seeds(format!(
-                "line {}: a recall prompt must say where the quoted opening goes ({OPENING})",
-                i + 1
+                "line {}: a {} prompt must say where the quoted opening goes ({OPENING})",
+                i + 1,
+                kind.name()
             )));
         }
         out.push((kind, p.to_string()));
@@ -347,8 +363,8 @@ mod tests {
         }
         for k in SeedKind::ALL {
             let c = counts.get(&k).copied().unwrap_or(0);
-            if k == SeedKind::Recall {
-                assert_eq!(c, 0, "recall is off by default");
+            if k.is_fixed_message() {
+                assert_eq!(c, 0, "{k:?} is off by default");
             } else {
                 assert!((800..1200).contains(&c), "{k:?}: {c}");
             }
@@ -373,6 +389,11 @@ mod tests {
         assert_eq!(
             parse_seed_file("recall: Say again from {opening}.").expect("parse")[0].0,
             SeedKind::Recall
+        );
+        assert!(parse_seed_file("verbatim: Repeat the excerpt.").is_err());
+        assert_eq!(
+            parse_seed_file("verbatim: Say again from {opening}.").expect("parse")[0].0,
+            SeedKind::Verbatim
         );
         assert!(parse_seed_file("no colon").is_err());
     }

@@ -20,7 +20,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, Completion, Timings};
+use crate::backend::{Backend, Completion, CompletionOutput, Scoring, Timings};
 use crate::chunk::{draw_chunk, location_tokens, passage, ChunkSizes, TokenizedCorpus};
 use crate::corpus::Corpus;
 use crate::error::{Error, Result};
@@ -228,6 +228,25 @@ fn placed_passage(
     )
 }
 
+/// `text` without a partial word at either end: a leading one unless `whole_start` says the text
+/// starts at a word, a trailing one unless the text ends in white space (kept whole when it is
+/// one word), and surrounding white space.
+fn whole_words(text: &str, whole_start: bool) -> &str {
+    let mut rest = text;
+    if !whole_start && !text.starts_with(char::is_whitespace) {
+        if let Some(i) = text.find(char::is_whitespace) {
+            rest = &text[i..];
+        }
+    }
+    let rest = rest.trim_start();
+    if !rest.ends_with(char::is_whitespace) {
+        if let Some(i) = rest.rfind(char::is_whitespace) {
+            return rest[..i].trim_end();
+        }
+    }
+    rest.trim_end()
+}
+
 /// Up to `words` whole words from the start of `text`, as written there (line breaks kept). A cut
 /// token range may start and end mid-word: a leading partial word is dropped unless `whole_start`
 /// says the text starts at a word, and a last word with no space after it is dropped unless it
@@ -284,6 +303,8 @@ struct Conv {
     topk_logprobs: Vec<f32>,
     top_k: Option<usize>,
     prev_stop: Option<u32>,
+    /// A verbatim seed's first answer: the excerpt's own text, scored rather than generated.
+    verbatim: Option<String>,
 }
 
 /// Synthesise `config.num_conversations` conversations about `corpus` with `backend` into the
@@ -309,6 +330,13 @@ pub fn synthesize(
         config.room(),
     )?;
     let bank = SeedBank::new(config.seed_weights, config.extra_seeds.clone())?;
+    if config.seed_weights.verbatim > 0.0 && !backend.can_score() {
+        return Err(Error::Config(
+            "verbatim seeds need a backend that scores given text (the local one); this one \
+             only generates"
+                .into(),
+        ));
+    }
     let tokenized = TokenizedCorpus::new(corpus, &*backend)?;
 
     let settings = serde_json::to_value(config).map_err(|e| Error::Config(e.to_string()))?;
@@ -386,6 +414,7 @@ pub fn synthesize(
                     topk_logprobs: Vec::new(),
                     top_k: None,
                     prev_stop: None,
+                    verbatim: None,
                 });
             }
         }
@@ -442,14 +471,24 @@ fn synthesize_chunk(
     let text = tokenized.chunk_text(location, &*backend)?;
     let system = system_message(&text, config.description.as_deref());
     for c in convs.iter_mut().filter(|c| c.seed.kind.is_fixed_message()) {
-        // The user's message is the phrasing itself, quoting a few words from a random place.
-        let cut = placed_passage(location, c.base_seed, RECALL_STREAM, OPENING_TOKENS);
+        // The user's message is the phrasing itself, quoting a few words from a random place;
+        // a verbatim answer is the text from there on.
+        let cut_tokens = match c.seed.kind {
+            SeedKind::Verbatim => config.max_answer_tokens as u64,
+            _ => OPENING_TOKENS,
+        };
+        let cut = placed_passage(location, c.base_seed, RECALL_STREAM, cut_tokens);
         // Only a file's first token surely starts a word (a chunk may start mid-word).
         let (cut, whole_start) = tokenized.first_piece_text(&cut, &*backend)?;
-        c.seed.text = c
-            .seed
-            .text
-            .replace(OPENING, &opening_words(&cut, whole_start, OPENING_WORDS));
+        let opening = if c.seed.kind == SeedKind::Verbatim {
+            let answer = whole_words(&cut, whole_start);
+            let opening = opening_words(answer, true, OPENING_WORDS);
+            c.verbatim = Some(answer.to_string()).filter(|a| !a.is_empty());
+            opening
+        } else {
+            opening_words(&cut, whole_start, OPENING_WORDS)
+        };
+        c.seed.text = c.seed.text.replace(OPENING, &opening);
     }
     if config.focus_tokens > 0 {
         for c in convs.iter_mut().filter(|c| !c.seed.kind.is_fixed_message()) {
@@ -511,10 +550,11 @@ fn synthesize_chunk(
             };
             c.history.push(("user".into(), text.trim().to_string()));
         }
-        // Assistant role.
-        let reqs = {
+        // Assistant role: answers written by the teacher, and (a verbatim seed's first turn)
+        // the excerpt's own text scored by it.
+        let (reqs, scorings) = {
             let frame = ChatFrame::new(&*backend, system.clone())?;
-            let mut reqs = Vec::with_capacity(convs.len());
+            let (mut reqs, mut scorings) = (Vec::new(), Vec::new());
             for c in convs.iter_mut() {
                 let glue = frame.assistant_glue(&c.history, c.prev_stop)?;
                 c.tokens.extend_from_slice(&glue);
@@ -524,17 +564,60 @@ fn synthesize_chunk(
                     c.tokens.len(),
                     config.max_answer_tokens,
                 )?;
-                reqs.push(Completion {
-                    prompt: c.tokens.clone(),
-                    temperature: config.assistant_temperature,
-                    seed: c.base_seed.wrapping_add(2 * turn as u64 + 1),
-                    max_tokens,
-                    top_logprobs: config.top_k,
-                });
+                let verbatim = match c.verbatim.as_deref().filter(|_| turn == 0) {
+                    Some(text) => backend.encode(text)?,
+                    None => Vec::new(),
+                };
+                if verbatim.is_empty() {
+                    reqs.push(Completion {
+                        prompt: c.tokens.clone(),
+                        temperature: config.assistant_temperature,
+                        seed: c.base_seed.wrapping_add(2 * turn as u64 + 1),
+                        max_tokens,
+                        top_logprobs: config.top_k,
+                    });
+                } else {
+                    scorings.push(Scoring {
+                        prompt: c.tokens.clone(),
+                        answer: verbatim[..verbatim.len().min(max_tokens)].to_vec(),
+                        top_logprobs: config.top_k,
+                    });
+                }
             }
-            reqs
+            (reqs, scorings)
         };
-        let outs = backend.complete(&shared, &reqs)?;
+        let generated = if reqs.is_empty() {
+            Vec::new()
+        } else {
+            backend.complete(&shared, &reqs)?
+        };
+        let scored = if scorings.is_empty() {
+            Vec::new()
+        } else {
+            backend.score(&shared, &scorings)?
+        };
+        if generated.len() != reqs.len() || scored.len() != scorings.len() {
+            return Err(Error::Backend("fewer answers than requests".into()));
+        }
+        let mut scored =
+            scorings
+                .into_iter()
+                .zip(scored)
+                .map(|(s, top_logprobs)| CompletionOutput {
+                    tokens: s.answer,
+                    top_logprobs,
+                    stopped: false,
+                });
+        let mut generated = generated.into_iter();
+        let mut outs = Vec::with_capacity(convs.len());
+        for c in &convs {
+            let next = if turn == 0 && c.verbatim.is_some() {
+                scored.next()
+            } else {
+                generated.next()
+            };
+            outs.push(next.ok_or_else(|| Error::Backend("fewer answers than requests".into()))?);
+        }
         for (c, o) in convs.iter_mut().zip(outs) {
             if o.top_logprobs.len() != o.tokens.len() {
                 return Err(Error::Backend(format!(
@@ -592,7 +675,16 @@ fn synthesize_chunk(
 
 #[cfg(test)]
 mod tests {
-    use super::opening_words;
+    use super::{opening_words, whole_words};
+
+    #[test]
+    fn verbatim_answers_drop_partial_words_at_both_ends() {
+        assert_eq!(whole_words("ing the fox jum", false,), "the fox");
+        assert_eq!(whole_words("the fox jumps ", true), "the fox jumps");
+        assert_eq!(whole_words(" the fox\njumps", false), "the fox");
+        assert_eq!(whole_words("fox", true), "fox");
+        assert_eq!(whole_words("", false), "");
+    }
 
     #[test]
     fn openings_are_whole_words_as_written() {

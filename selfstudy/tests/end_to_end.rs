@@ -14,7 +14,7 @@ use cartridge_selfstudy::chunk::TokenizedCorpus;
 use cartridge_selfstudy::corpus::{ingest, IngestOptions};
 use cartridge_selfstudy::local::LocalBackend;
 use cartridge_selfstudy::prompt::{system_message, ChatFrame};
-use cartridge_selfstudy::{synthesize, Backend, Corpus, Error, SynthesisConfig};
+use cartridge_selfstudy::{synthesize, Backend, Corpus, Error, SeedWeights, SynthesisConfig};
 
 fn corpus(root: &Path) -> Corpus {
     common::write_files(
@@ -65,6 +65,16 @@ fn read(dir: &Path) -> Vec<Record> {
 
 /// Recompute the teacher's distributions with one plain forward over system ++ tokens.
 fn check_against_forward(backend: &LocalBackend, corpus: &Corpus, rec: &Record) {
+    check_scores_against_forward(backend, corpus, rec);
+    for (row, pos) in rec.target_positions().enumerate() {
+        let (ids, _) = rec.topk_row(row).expect("row");
+        // The assistant decodes greedily: each answer token is the teacher's top-1.
+        assert_eq!(rec.tokens[pos], ids[0], "record {} target {row}", rec.id);
+    }
+}
+
+/// The stored top-k rows against one plain forward over system ++ tokens.
+fn check_scores_against_forward(backend: &LocalBackend, corpus: &Corpus, rec: &Record) {
     let tokenized = TokenizedCorpus::new(corpus, backend).expect("tokenize");
     let text = tokenized
         .chunk_text(&rec.location, backend)
@@ -105,8 +115,6 @@ fn check_against_forward(backend: &LocalBackend, corpus: &Corpus, rec: &Record) 
                 );
             }
         }
-        // The assistant decodes greedily: each answer token is the teacher's top-1.
-        assert_eq!(rec.tokens[pos], ids[0], "record {} target {row}", rec.id);
     }
 }
 
@@ -253,5 +261,34 @@ fn two_turns_keep_tokens_consistent_with_the_teacher() {
         assert_eq!(rec.messages.len(), 4);
         assert_eq!(rec.targets.len(), 2);
         check_against_forward(&be, &corpus, &rec);
+    }
+}
+
+#[test]
+fn verbatim_answers_are_the_corpus_text_with_the_teachers_scores() {
+    let model_dir = tempfile::tempdir().expect("tmp");
+    common::write_tiny_chat_model(model_dir.path(), 3);
+    let corpus_dir = tempfile::tempdir().expect("tmp");
+    let corpus = corpus(corpus_dir.path());
+    let out = tempfile::tempdir().expect("tmp");
+    let data = out.path().join("data");
+    let mut be = backend(model_dir.path());
+    let config = SynthesisConfig {
+        seed_weights: SeedWeights::parse("verbatim=1").expect("weights"),
+        ..config()
+    };
+    synthesize(&config, &mut be, &corpus, &data, false, |_| {}).expect("synthesize");
+    let recs = read(&data);
+    assert_eq!(recs.len(), 6);
+    for rec in &recs {
+        assert_eq!(rec.seed_kind, "verbatim");
+        let answer = &rec.messages[1].content;
+        assert!(!answer.is_empty());
+        let (at, n) = rec.targets[0];
+        let ids = &rec.tokens[at as usize..(at + n) as usize];
+        assert_eq!(be.decode(ids).expect("decode").trim(), answer.as_str());
+        // Teacher forcing: the rows are the teacher's distributions before each corpus token,
+        // whatever it would have written itself.
+        check_scores_against_forward(&be, &corpus, rec);
     }
 }

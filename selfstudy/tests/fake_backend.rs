@@ -7,8 +7,8 @@ use cartridge_formats::fingerprint::sha256_hex;
 use cartridge_formats::ModelFingerprint;
 use cartridge_selfstudy::corpus::{Corpus, CorpusFile};
 use cartridge_selfstudy::{
-    synthesize, Backend, BackendInfo, Completion, CompletionOutput, Result, SeedWeights,
-    SynthesisConfig,
+    synthesize, Backend, BackendInfo, Completion, CompletionOutput, Result, Scoring, SeedWeights,
+    SynthesisConfig, TopK,
 };
 
 const END: u32 = 2;
@@ -20,6 +20,9 @@ struct Fake {
     /// Every request's prompt and whether it asked for top-k (the assistant role does).
     prompts: Vec<(Vec<u32>, bool)>,
     bad_topk: bool,
+    /// Whether it scores given answers (teacher forcing), and the answers it was asked to score.
+    scores: bool,
+    scored: Vec<Vec<u32>>,
 }
 
 impl Fake {
@@ -45,6 +48,8 @@ impl Fake {
             calls: Vec::new(),
             prompts: Vec::new(),
             bad_topk,
+            scores: true,
+            scored: Vec::new(),
         }
     }
 }
@@ -91,6 +96,22 @@ impl Backend for Fake {
             s.push_str("<|im_start|>assistant\n");
         }
         Ok(s)
+    }
+    fn can_score(&self) -> bool {
+        self.scores
+    }
+    /// Before each answer token, that token at log-probability -0.5 and its next id below it.
+    fn score(&mut self, _shared: &[u32], reqs: &[Scoring]) -> Result<Vec<Vec<TopK>>> {
+        self.scored.extend(reqs.iter().map(|r| r.answer.clone()));
+        Ok(reqs
+            .iter()
+            .map(|r| {
+                r.answer
+                    .iter()
+                    .map(|&t| vec![(t, -0.5), (t + 1, -1.5)][..r.top_logprobs.min(2)].to_vec())
+                    .collect()
+            })
+            .collect())
     }
     fn complete(&mut self, shared: &[u32], reqs: &[Completion]) -> Result<Vec<CompletionOutput>> {
         self.calls.push((shared.len(), reqs.len()));
@@ -319,4 +340,64 @@ fn recall_seeds_quote_the_chunk_and_skip_the_user_role() {
             assert!(!instruction.contains("word for word"), "{shown:?}");
         }
     }
+}
+
+#[test]
+fn verbatim_seeds_are_answered_with_the_chunk_text_the_teacher_scores() {
+    let (text, fake, recs) = run_on_distinct_words(|c| {
+        c.seed_weights = SeedWeights::parse("verbatim=1,question=1").expect("weights");
+        c.turns = 2;
+        c.top_k = 2;
+        c.max_answer_tokens = 40;
+    });
+    let verbatim: Vec<_> = recs.iter().filter(|r| r.seed_kind == "verbatim").collect();
+    assert!(
+        !verbatim.is_empty() && verbatim.len() < recs.len(),
+        "both kinds drawn"
+    );
+    assert_eq!(fake.scored.len(), verbatim.len(), "one scored answer each");
+    for r in &verbatim {
+        let start = r.messages[0].content.find('"').expect("a quote") + 1;
+        let len = r.messages[0].content[start..].find('"').expect("its end");
+        let opening = &r.messages[0].content[start..start + len];
+        // The answer is whole words of the corpus from the quoted opening on: 40 byte tokens
+        // cut from it, less a partial word at either end.
+        let answer = &r.messages[1].content;
+        assert!(answer.starts_with(opening), "{answer:?} / {opening:?}");
+        assert!(
+            text.contains(answer.as_str()),
+            "{answer:?} is not in the corpus"
+        );
+        assert!((30..=40).contains(&answer.len()), "{answer:?}");
+        // Its tokens are the ones scored, with the scorer's rows as the teacher's top-k.
+        let (at, n) = r.targets[0];
+        let ids = &r.tokens[at as usize..(at + n) as usize];
+        assert_eq!(fake.decode(ids).expect("decode"), *answer);
+        assert!(fake.scored.iter().any(|s| s == ids));
+        assert_eq!(r.top_k, 2);
+        let rows = &r.topk_ids[..2 * n as usize];
+        assert!(rows.chunks(2).zip(ids).all(|(row, &t)| row == [t, t + 1]));
+        assert!(r.topk_logprobs[..2 * n as usize]
+            .chunks(2)
+            .all(|l| l == [-0.5, -1.5]));
+        // The second turn is a follow-up the user role wrote and the teacher answered.
+        assert_eq!(r.messages.len(), 4);
+        assert!(r.messages[3].content.starts_with("ok"));
+    }
+}
+
+#[test]
+fn verbatim_seeds_on_a_backend_that_cannot_score_are_refused_before_anything_is_written() {
+    let out = tempfile::tempdir().expect("tmp");
+    let mut fake = Fake::new(false);
+    fake.scores = false;
+    let config = SynthesisConfig {
+        seed_weights: SeedWeights::parse("verbatim=1").expect("weights"),
+        ..config()
+    };
+    let err = synthesize(&config, &mut fake, &corpus(), out.path(), false, |_| {})
+        .expect_err("cannot score");
+    assert!(err.to_string().contains("verbatim"), "{err}");
+    assert!(fake.calls.is_empty());
+    assert!(!out.path().join("manifest.json").exists());
 }

@@ -124,7 +124,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         &train_config,
         &args.train.run_options(args.resume, &loaded)?,
         &loaded,
-        &training_data(&data, prompt_summary)?,
+        &training_data(std::slice::from_ref(&data), prompt_summary)?,
         corpus_ids.as_deref(),
         &out,
         args.json,

@@ -69,9 +69,10 @@ pub struct SynthArgs {
     #[arg(long)]
     pub description: Option<String>,
     /// Seed-kind weights, e.g. `question=2,creative=0.5` (kinds: structuring, summarization,
-    /// question, use_case, creative, and recall: no user role, a request to repeat the excerpt
-    /// word for word from a quoted opening, off by default; kinds not named get weight 0, so
-    /// `question=1` draws only question seeds).
+    /// question, use_case, creative; recall: no user role, a request to repeat the excerpt word
+    /// for word from a quoted opening; verbatim: the same request answered with the excerpt's own
+    /// text, which the teacher scores instead of writing (local teacher only); the last two are
+    /// off by default; kinds not named get weight 0, so `question=1` draws only question seeds).
     #[arg(long, value_name = "KIND=W,...")]
     pub seed_weights: Option<String>,
     /// A file of extra seed prompts, one per line as `kind: text`.

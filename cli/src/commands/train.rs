@@ -261,9 +261,10 @@ impl TrainArgs {
 /// Options of `cartridge train`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The dataset folder written by `cartridge synthesize`.
-    #[arg(long)]
-    data: PathBuf,
+    /// The dataset folder written by `cartridge synthesize`; repeat it to train on several
+    /// (same teacher and corpus, e.g. question and verbatim conversations made separately).
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
     /// The .cart to write.
     #[arg(long)]
     out: PathBuf,
@@ -359,21 +360,59 @@ pub fn corpus_token_ids(
     Ok(ids)
 }
 
-/// The one-line corpus description the dataset was synthesised with, if any.
-fn dataset_description(data: &Path) -> Result<Option<String>> {
-    let dataset = Dataset::open(data, ReadOptions::default())
-        .with_context(|| format!("opening dataset {}", data.display()))?;
-    Ok(manifest_description(&dataset.manifest().settings)?)
+fn open_dataset(data: &Path) -> Result<Dataset> {
+    Dataset::open(data, ReadOptions::default())
+        .with_context(|| format!("opening dataset {}", data.display()))
 }
 
-/// The training data of a dataset folder, with the soft prompt's summary if it has one.
-pub fn training_data(data: &Path, summary: Option<PromptSummary>) -> Result<TrainData> {
-    let dataset = Dataset::open(data, ReadOptions::default())
-        .with_context(|| format!("opening dataset {}", data.display()))?;
-    Ok(TrainData {
-        summary,
-        ..TrainData::from_dataset(&dataset)?
-    })
+/// The one-line corpus description the datasets were synthesised with, if any (they must agree:
+/// corpus initialisation rebuilds the teacher's system message with it).
+fn dataset_description(data: &[PathBuf]) -> Result<Option<String>> {
+    let mut found: Option<(&Path, Option<String>)> = None;
+    for path in data {
+        let description = manifest_description(&open_dataset(path)?.manifest().settings)?;
+        match &found {
+            Some((first, d)) if *d != description => bail!(
+                "{} and {} were synthesised with different corpus descriptions",
+                first.display(),
+                path.display()
+            ),
+            Some(_) => {}
+            None => found = Some((path, description)),
+        }
+    }
+    Ok(found.and_then(|(_, d)| d))
+}
+
+/// The training data of one or more dataset folders (records in the order given), with the
+/// soft prompt's summary if it has one. The datasets must share their teacher and corpus.
+pub fn training_data(data: &[PathBuf], summary: Option<PromptSummary>) -> Result<TrainData> {
+    let mut merged: Option<TrainData> = None;
+    for path in data {
+        let next = TrainData::from_dataset(&open_dataset(path)?)?;
+        match &mut merged {
+            None => merged = Some(next),
+            Some(all) => {
+                if next.teacher != all.teacher {
+                    bail!(
+                        "{} was synthesised by another teacher than {}",
+                        path.display(),
+                        data[0].display()
+                    );
+                }
+                if next.corpus_digest != all.corpus_digest {
+                    bail!(
+                        "{} was synthesised from another corpus than {}",
+                        path.display(),
+                        data[0].display()
+                    );
+                }
+                all.records.extend(next.records);
+            }
+        }
+    }
+    let merged = merged.context("no dataset given (--data DIR)")?;
+    Ok(TrainData { summary, ..merged })
 }
 
 /// Train with a progress display; shared with `build`.
