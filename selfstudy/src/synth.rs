@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use cartridge_formats::dataset::{
-    ChunkLocation, DatasetError, DatasetWriter, Manifest, Message, Record, DEFAULT_SHARD_BYTES,
+    ChunkLocation, ChunkPiece, DatasetError, DatasetWriter, Manifest, Message, Record,
+    DEFAULT_SHARD_BYTES,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -446,6 +447,36 @@ pub fn synthesize(
     Ok(summary)
 }
 
+/// A verbatim answer's span of the chunk: a window of up to `len` tokens whose start is drawn so
+/// that every token of the chunk (but the first and last few) is equally likely to fall in it,
+/// the window hanging over either end of the chunk and cut there (keeping at least
+/// `OPENING_TOKENS`); then the longest one-file piece of it. A window placed wholly inside the
+/// chunk would reach the chunk's first tokens, and with them the first lines of the corpus,
+/// once in `len` draws.
+fn verbatim_passage(location: &ChunkLocation, base_seed: u64, len: u64) -> ChunkLocation {
+    let span = location_tokens(location);
+    let len = len.min(span);
+    let keep = OPENING_TOKENS.min(len);
+    // Window starts `s - (len - keep)` for `s` in `0..=span + len - 2 keep`.
+    let s = chunk_seed(base_seed, RECALL_STREAM) % (span + len - 2 * keep + 1);
+    let from = s.saturating_sub(len - keep);
+    let to = (s + keep).min(span);
+    let window = passage(location, from, to - from);
+    let mut longest: Option<ChunkPiece> = None;
+    for p in window.pieces {
+        if longest
+            .as_ref()
+            .is_none_or(|l| p.end - p.start > l.end - l.start)
+        {
+            longest = Some(p);
+        }
+    }
+    ChunkLocation {
+        chunk: location.chunk,
+        pieces: longest.into_iter().collect(),
+    }
+}
+
 /// Largest `max_tokens` that keeps `shared + prompt + generated` inside the window.
 fn fit(window: usize, shared: usize, prompt: usize, want: usize) -> Result<usize> {
     let left = window.saturating_sub(shared + prompt);
@@ -473,11 +504,12 @@ fn synthesize_chunk(
     for c in convs.iter_mut().filter(|c| c.seed.kind.is_fixed_message()) {
         // The user's message is the phrasing itself, quoting a few words from a random place;
         // a verbatim answer is the text from there on.
-        let cut_tokens = match c.seed.kind {
-            SeedKind::Verbatim => config.max_answer_tokens as u64,
-            _ => OPENING_TOKENS,
+        let cut = match c.seed.kind {
+            SeedKind::Verbatim => {
+                verbatim_passage(location, c.base_seed, config.max_answer_tokens as u64)
+            }
+            _ => placed_passage(location, c.base_seed, RECALL_STREAM, OPENING_TOKENS),
         };
-        let cut = placed_passage(location, c.base_seed, RECALL_STREAM, cut_tokens);
         // Only a file's first token surely starts a word (a chunk may start mid-word).
         let (cut, whole_start) = tokenized.first_piece_text(&cut, &*backend)?;
         let opening = if c.seed.kind == SeedKind::Verbatim {
@@ -675,7 +707,49 @@ fn synthesize_chunk(
 
 #[cfg(test)]
 mod tests {
-    use super::{opening_words, whole_words};
+    use super::{opening_words, verbatim_passage, whole_words};
+    use cartridge_formats::dataset::{ChunkLocation, ChunkPiece};
+
+    /// Over many draws, every token of a two-file chunk but the outermost few is in a verbatim
+    /// answer about as often as any other, the first lines of the second file included.
+    #[test]
+    fn verbatim_passages_cover_the_chunk_evenly() {
+        let piece = |file: &str, start, end| ChunkPiece {
+            file: file.into(),
+            start,
+            end,
+        };
+        let location = ChunkLocation {
+            chunk: 0,
+            pieces: vec![piece("a", 0, 300), piece("b", 0, 300)],
+        };
+        let mut hits = vec![0u32; 600];
+        let draws = 20_000;
+        for seed in 0..draws {
+            let p = verbatim_passage(&location, seed, 100);
+            assert_eq!(p.pieces.len(), 1);
+            let q = &p.pieces[0];
+            assert!(q.end - q.start >= 24, "{q:?}");
+            let offset = if q.file == "a" { 0 } else { 300 };
+            for t in q.start..q.end {
+                hits[(offset + t) as usize] += 1;
+            }
+        }
+        // A token mid-file is in 100 of 600 + 100 - 48 + 1 windows: about 3,070 of 20,000.
+        let middle = hits[150] as f64;
+        assert!((2_700.0..3_400.0).contains(&middle), "{middle}");
+        // The chunk's first tokens (past the opening's few) and the second file's first
+        // token: within a factor of two of that, where a window kept inside the chunk would
+        // reach the very first token once in 500 draws.
+        for t in [24, 300, 320] {
+            assert!(
+                hits[t] as f64 > middle / 2.0,
+                "token {t}: {} of {middle}",
+                hits[t]
+            );
+        }
+        assert!(hits[0] > 0);
+    }
 
     #[test]
     fn verbatim_answers_drop_partial_words_at_both_ends() {

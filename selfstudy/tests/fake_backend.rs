@@ -360,15 +360,16 @@ fn verbatim_seeds_are_answered_with_the_chunk_text_the_teacher_scores() {
         let start = r.messages[0].content.find('"').expect("a quote") + 1;
         let len = r.messages[0].content[start..].find('"').expect("its end");
         let opening = &r.messages[0].content[start..start + len];
-        // The answer is whole words of the corpus from the quoted opening on: 40 byte tokens
-        // cut from it, less a partial word at either end.
+        // The answer is whole words of the corpus from the quoted opening on: 24 to 40 byte
+        // tokens cut from it (fewer where the window hangs over the corpus's end), less a
+        // partial word at either end.
         let answer = &r.messages[1].content;
         assert!(answer.starts_with(opening), "{answer:?} / {opening:?}");
         assert!(
             text.contains(answer.as_str()),
             "{answer:?} is not in the corpus"
         );
-        assert!((30..=40).contains(&answer.len()), "{answer:?}");
+        assert!((14..=40).contains(&answer.len()), "{answer:?}");
         // Its tokens are the ones scored, with the scorer's rows as the teacher's top-k.
         let (at, n) = r.targets[0];
         let ids = &r.tokens[at as usize..(at + n) as usize];
