@@ -229,17 +229,24 @@ fn placed_passage(
     )
 }
 
-/// `text` without a partial word at either end: a leading one unless `whole_start` says the text
-/// starts at a word, a trailing one unless the text ends in white space (kept whole when it is
-/// one word), and surrounding white space.
-fn whole_words(text: &str, whole_start: bool) -> &str {
+/// `text` from its first whole word on (a cut token range may start mid-word: a leading partial
+/// word is dropped unless `whole_start` says the text starts at a word), leading white space
+/// trimmed.
+fn from_first_whole_word(text: &str, whole_start: bool) -> &str {
     let mut rest = text;
     if !whole_start && !text.starts_with(char::is_whitespace) {
         if let Some(i) = text.find(char::is_whitespace) {
             rest = &text[i..];
         }
     }
-    let rest = rest.trim_start();
+    rest.trim_start()
+}
+
+/// `text` without a partial word at either end: a leading one as [`from_first_whole_word`], a
+/// trailing one unless the text ends in white space (kept whole when it is one word), and
+/// surrounding white space.
+fn whole_words(text: &str, whole_start: bool) -> &str {
+    let rest = from_first_whole_word(text, whole_start);
     if !rest.ends_with(char::is_whitespace) {
         if let Some(i) = rest.rfind(char::is_whitespace) {
             return rest[..i].trim_end();
@@ -253,13 +260,7 @@ fn whole_words(text: &str, whole_start: bool) -> &str {
 /// says the text starts at a word, and a last word with no space after it is dropped unless it
 /// is the only one.
 fn opening_words(text: &str, whole_start: bool, words: usize) -> String {
-    let mut rest = text;
-    if !whole_start && !text.starts_with(char::is_whitespace) {
-        if let Some(i) = text.find(char::is_whitespace) {
-            rest = &text[i..];
-        }
-    }
-    let rest = rest.trim_start();
+    let rest = from_first_whole_word(text, whole_start);
     let (mut seen, mut end) = (0, 0);
     let mut in_word = false;
     for (i, ch) in rest.char_indices() {
@@ -304,8 +305,9 @@ struct Conv {
     topk_logprobs: Vec<f32>,
     top_k: Option<usize>,
     prev_stop: Option<u32>,
-    /// A verbatim seed's first answer: the excerpt's own text, scored rather than generated.
-    verbatim: Option<String>,
+    /// A verbatim seed's first answer (never empty): the excerpt's own text, as token ids,
+    /// scored rather than generated.
+    verbatim: Option<Vec<u32>>,
 }
 
 /// Synthesise `config.num_conversations` conversations about `corpus` with `backend` into the
@@ -515,7 +517,7 @@ fn synthesize_chunk(
         let opening = if c.seed.kind == SeedKind::Verbatim {
             let answer = whole_words(&cut, whole_start);
             let opening = opening_words(answer, true, OPENING_WORDS);
-            c.verbatim = Some(answer.to_string()).filter(|a| !a.is_empty());
+            c.verbatim = Some(backend.encode(answer)?).filter(|ids| !ids.is_empty());
             opening
         } else {
             opening_words(&cut, whole_start, OPENING_WORDS)
@@ -596,24 +598,19 @@ fn synthesize_chunk(
                     c.tokens.len(),
                     config.max_answer_tokens,
                 )?;
-                let verbatim = match c.verbatim.as_deref().filter(|_| turn == 0) {
-                    Some(text) => backend.encode(text)?,
-                    None => Vec::new(),
-                };
-                if verbatim.is_empty() {
-                    reqs.push(Completion {
+                match c.verbatim.as_ref().filter(|_| turn == 0) {
+                    Some(ids) => scorings.push(Scoring {
+                        prompt: c.tokens.clone(),
+                        answer: ids[..ids.len().min(max_tokens)].to_vec(),
+                        top_logprobs: config.top_k,
+                    }),
+                    None => reqs.push(Completion {
                         prompt: c.tokens.clone(),
                         temperature: config.assistant_temperature,
                         seed: c.base_seed.wrapping_add(2 * turn as u64 + 1),
                         max_tokens,
                         top_logprobs: config.top_k,
-                    });
-                } else {
-                    scorings.push(Scoring {
-                        prompt: c.tokens.clone(),
-                        answer: verbatim[..verbatim.len().min(max_tokens)].to_vec(),
-                        top_logprobs: config.top_k,
-                    });
+                    }),
                 }
             }
             (reqs, scorings)
