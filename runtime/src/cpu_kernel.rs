@@ -209,32 +209,102 @@ fn softmax_body<T: Elem>(a: &mut [T], b: &mut [T]) {
     }
 }
 
-/// Softmax over the concatenation of `a` and `b` (a prefix's scores and a sequence's own), in
-/// place.
-///
-/// Why two versions: the crate is built for any x86-64, so these loops would otherwise run 4
-/// lanes wide; on a CPU with AVX-512 the same code is compiled 16 lanes wide. The arithmetic is
-/// the same (no reassociation, no fused multiply-adds), so the results are too.
-pub(crate) fn softmax<T: Elem>(a: &mut [T], b: &mut [T]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512f() {
-        // SAFETY: the CPU has AVX-512F (checked just above).
-        return unsafe { softmax_avx512(a, b) };
-    }
-    softmax_body(a, b)
+/// Vector instructions the kernels are compiled for, narrowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Simd {
+    /// What every x86-64 has (SSE2, 4 f32 lanes), and any other architecture's default.
+    Baseline,
+    /// AVX2 with FMA: 8 lanes, 16 vector registers.
+    Avx2,
+    /// AVX-512F (with FMA): 16 lanes, 32 vector registers.
+    Avx512,
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_avx512<T: Elem>(a: &mut [T], b: &mut [T]) {
-    softmax_body(a, b)
-}
-
-/// Whether the CPU has AVX-512F (detected once; the macro caches it).
-#[cfg(target_arch = "x86_64")]
+/// The widest [`Simd`] this CPU has (detected once; the macros cache it).
 #[inline(always)]
-pub(crate) fn has_avx512f() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+pub(crate) fn simd() -> Simd {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Simd::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Simd::Avx2;
+        }
+    }
+    Simd::Baseline
+}
+
+/// Every [`Simd`] this CPU runs, narrowest first (for tests that compare the builds).
+#[cfg(test)]
+pub(crate) fn simd_levels() -> Vec<Simd> {
+    [Simd::Baseline, Simd::Avx2, Simd::Avx512]
+        .into_iter()
+        .filter(|&s| s <= simd())
+        .collect()
+}
+
+/// Defines `fn NAME` that runs `BODY` (an `#[inline(always)]` function generic over an [`Elem`]
+/// `T`, with the same arguments) compiled for the widest vector instructions the CPU has, and
+/// `fn NAME_AT(level, ...)` that runs it compiled for `level` (or the widest below it that the
+/// CPU has).
+///
+/// Why: the crate is built for any x86-64, so plain loops run 4 lanes wide; the same code
+/// compiled under `target_feature` runs 8 (AVX2) or 16 (AVX-512) lanes wide. The arithmetic is
+/// the same (no reassociation, and Rust never fuses a multiply and an add), so the results are
+/// too, bit for bit (tested for every level the CPU has).
+macro_rules! widest {
+    (
+        $(#[$doc:meta])*
+        $vis:vis fn $name:ident / $name_at:ident <$t:ident>($($arg:ident: $ty:ty),* $(,)?)
+            $(-> $ret:ty)? = $body:ident
+    ) => {
+        $(#[$doc])*
+        #[inline]
+        $vis fn $name<$t: $crate::cpu_kernel::Elem>($($arg: $ty),*) $(-> $ret)? {
+            $name_at($crate::cpu_kernel::simd(), $($arg),*)
+        }
+
+        /// The same, compiled for at most `level` (see [`crate::cpu_kernel::simd`]).
+        #[inline]
+        $vis fn $name_at<$t: $crate::cpu_kernel::Elem>(
+            level: $crate::cpu_kernel::Simd,
+            $($arg: $ty),*
+        ) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,fma")]
+                unsafe fn avx512<$t: $crate::cpu_kernel::Elem>($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2<$t: $crate::cpu_kernel::Elem>($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                use $crate::cpu_kernel::Simd;
+                match level.min($crate::cpu_kernel::simd()) {
+                    // SAFETY: the CPU has these instructions (`simd()` detected them).
+                    Simd::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    Simd::Avx2 => return unsafe { avx2($($arg),*) },
+                    Simd::Baseline => {}
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = level;
+            $body($($arg),*)
+        }
+    };
+}
+pub(crate) use widest;
+
+widest! {
+    /// Softmax over the concatenation of `a` and `b` (a prefix's scores and a sequence's own), in
+    /// place.
+    pub(crate) fn softmax / softmax_at <T>(a: &mut [T], b: &mut [T]) = softmax_body
 }
 
 #[cfg(test)]
@@ -242,7 +312,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn softmax_matches_f64_and_both_builds_agree_bit_for_bit() {
+    fn softmax_matches_f64_and_every_build_agrees_bit_for_bit() {
         // Lengths around the 16 lanes (tails), one part empty or not, scores of either sign.
         for (na, nb) in [(0, 1), (1, 0), (5, 0), (16, 17), (33, 2), (100, 61)] {
             let scores: Vec<f32> = (0..na + nb)
@@ -259,10 +329,12 @@ mod tests {
                 let want = (x as f64 - max).exp() / den;
                 assert!((g as f64 - want).abs() <= 1e-6 * want.max(1e-30) + 1e-12);
             }
-            let mut portable = scores.clone();
-            let (a, b) = portable.split_at_mut(na);
-            softmax_body(a, b);
-            assert_eq!(got, portable, "{na} + {nb}: the AVX-512 build differs");
+            for level in simd_levels() {
+                let mut built = scores.clone();
+                let (a, b) = built.split_at_mut(na);
+                softmax_at(level, a, b);
+                assert_eq!(got, built, "{na} + {nb}: the {level:?} build differs");
+            }
         }
     }
 

@@ -12,8 +12,6 @@
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-#[cfg(target_arch = "x86_64")]
-use crate::cpu_kernel::has_avx512f;
 use crate::cpu_kernel::{slice, with_values, Elem};
 use crate::error::Result;
 
@@ -173,24 +171,20 @@ fn swiglu_grad_chunk<T: Elem>(dg: &mut [T], du: &mut [T], gate: &[T], up: &[T], 
     }
 }
 
-/// The two chunk loops compiled for AVX-512 (16 lanes instead of SSE's 4; the same arithmetic,
-/// so the same results): see [`crate::cpu_kernel::softmax`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn swiglu_chunk_avx512<T: Elem>(o: &mut [T], gate: &[T], up: &[T]) {
-    swiglu_chunk(o, gate, up)
+crate::cpu_kernel::widest! {
+    /// [`swiglu_chunk`] at the CPU's vector width.
+    fn swiglu_chunk_wide / swiglu_chunk_at <T>(o: &mut [T], gate: &[T], up: &[T]) = swiglu_chunk
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn swiglu_grad_chunk_avx512<T: Elem>(
-    dg: &mut [T],
-    du: &mut [T],
-    gate: &[T],
-    up: &[T],
-    grad: &[T],
-) {
-    swiglu_grad_chunk(dg, du, gate, up, grad)
+crate::cpu_kernel::widest! {
+    /// [`swiglu_grad_chunk`] at the CPU's vector width.
+    fn swiglu_grad_chunk_wide / swiglu_grad_chunk_at <T>(
+        dg: &mut [T],
+        du: &mut [T],
+        gate: &[T],
+        up: &[T],
+        grad: &[T],
+    ) = swiglu_grad_chunk
 }
 
 impl SwiGlu {
@@ -199,14 +193,7 @@ impl SwiGlu {
         out.par_chunks_mut(ELEMS_PER_TASK)
             .zip(gate.par_chunks(ELEMS_PER_TASK))
             .zip(up.par_chunks(ELEMS_PER_TASK))
-            .for_each(|((o, g), u)| {
-                #[cfg(target_arch = "x86_64")]
-                if has_avx512f() {
-                    // SAFETY: the CPU has AVX-512F (checked just above).
-                    return unsafe { swiglu_chunk_avx512(o, g, u) };
-                }
-                swiglu_chunk(o, g, u)
-            });
+            .for_each(|((o, g), u)| swiglu_chunk_wide(o, g, u));
         out
     }
 
@@ -220,14 +207,7 @@ impl SwiGlu {
                 up.par_chunks(ELEMS_PER_TASK)
                     .zip(grad.par_chunks(ELEMS_PER_TASK)),
             )
-            .for_each(|(((dg, du), g), (u, gr))| {
-                #[cfg(target_arch = "x86_64")]
-                if has_avx512f() {
-                    // SAFETY: the CPU has AVX-512F (checked just above).
-                    return unsafe { swiglu_grad_chunk_avx512(dg, du, g, u, gr) };
-                }
-                swiglu_grad_chunk(dg, du, g, u, gr)
-            });
+            .for_each(|(((dg, du), g), (u, gr))| swiglu_grad_chunk_wide(dg, du, g, u, gr));
         (dg, du)
     }
 }
@@ -531,7 +511,7 @@ mod tests {
     }
 
     #[test]
-    fn f32_swiglu_is_accurate_at_any_gate_and_both_builds_agree() {
+    fn f32_swiglu_is_accurate_at_any_gate_and_every_build_agrees() {
         // Gates far outside the fast exponential's clamp (-87) on both sides, and around zero.
         let gate: Vec<f32> = (0..1000)
             .map(|i| (i as f32 - 500.0) * 0.37)
@@ -557,9 +537,18 @@ mod tests {
                 "d gate at gate {g}"
             );
         }
-        let mut portable = vec![0f32; gate.len()];
-        swiglu_chunk(&mut portable, &gate, &up);
-        assert_eq!(out, portable, "the AVX-512 build differs");
+        for level in crate::cpu_kernel::simd_levels() {
+            let mut built = vec![0f32; gate.len()];
+            swiglu_chunk_at(level, &mut built, &gate, &up);
+            assert_eq!(out, built, "the {level:?} build differs");
+            let (mut bg, mut bu) = (vec![0f32; gate.len()], vec![0f32; gate.len()]);
+            swiglu_grad_chunk_at(level, &mut bg, &mut bu, &gate, &up, &grad);
+            assert_eq!(
+                (&dg, &du),
+                (&bg, &bu),
+                "the {level:?} build's gradient differs"
+            );
+        }
     }
 
     #[test]

@@ -121,10 +121,10 @@ fn prefix_of(vb: &VarBuilder) -> String {
 /// one. Decoding one or two sequences is memory-bound, so reading 4x fewer weight bytes wins;
 /// from three rows on, the packed f32 kernel is faster than candle's quantised one (BENCHMARKS.md,
 /// decode tok/s quantised / f32: 97 / 45 at batch 1, 113 / 92 at 2, 119 / 128 at 3, 133 / 342
-/// at 8). Where there is no packed kernel (no AVX-512), candle's f32 gemm is slower at small
+/// at 8). Where there is no packed kernel (neither AVX-512 nor AVX2), candle's f32 gemm is slower at small
 /// batches, so the limit is higher there.
 fn quant_max_rows() -> usize {
-    if small_matmul::has_avx512() {
+    if small_matmul::has_packed_kernel() {
         2
     } else {
         16
@@ -137,7 +137,7 @@ fn quant_max_rows() -> usize {
 /// SmolLM2's shapes (2 cores) the projections run 1.45-5.6x faster at 8-32 rows and the LM head
 /// 1.15x, so decoding 8-32 sequences is 1.5-2.1x faster (BENCHMARKS.md); from 64 rows on the LM
 /// head gets slower, and one row is a matrix-vector product either way. The values are the same.
-/// Where the CPU has AVX-512, inference matmuls of any number of rows go to our own kernel
+/// Where the CPU has AVX-512 or AVX2, inference matmuls of any number of rows go to our own kernel
 /// instead, on a copy of the weight packed once for it ([`small_matmul::PackedWeight`]).
 const SMALL_ROWS: usize = 32;
 
@@ -216,7 +216,7 @@ impl Linear {
                 q.forward(&x2.contiguous()?)?
             }
             _ if path == Path::Infer && x.device().is_cpu() => match self.packed()? {
-                // Our kernel on the packed weight where the CPU has AVX-512 (see small_matmul).
+                // Our kernel on the packed weight where the CPU has AVX-512 or AVX2 (see small_matmul).
                 Some(packed) => small_matmul::linear(&x2, &packed)?,
                 None if (2..=SMALL_ROWS).contains(&rows) => {
                     self.w.matmul(&x2.t()?)?.t()?.contiguous()?
