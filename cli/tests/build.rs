@@ -62,6 +62,18 @@ fn build_writes_a_cartridge_that_serves() {
     let eval = &summary["training"]["final_eval"];
     assert!(eval["bare_loss"].as_f64().unwrap() > 0.0 && eval["loss"].as_f64().unwrap() > 0.0);
     assert!(dir.path().join("harbor.metrics.jsonl").is_file());
+    // Progress on stderr: the start (selected keys, layer by layer) reports before training.
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&run.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let position = |f: &dyn Fn(&serde_json::Value) -> bool| events.iter().position(f);
+    let selected = position(&|e| {
+        e["event"] == "init" && e["part"] == "select-keys" && e["done"] == e["total"]
+    })
+    .expect("the start reports its progress");
+    let started = position(&|e| e["event"] == "started" && e["stage"] == "train").unwrap();
+    assert!(selected < started);
 
     let inspect = cartridge(&["inspect", "--verify", "--json", o]);
     assert_eq!(inspect.status.code(), Some(0));

@@ -145,6 +145,41 @@ fn text_ids<'a>(ids: Option<&'a [u32]>, n: usize, what: &str) -> Result<&'a [u32
     })
 }
 
+/// A part of the corpus-selected starts, as reported while it runs (the refinement of
+/// [`InitKind::SelectedRefined`] takes most of an hour for a 5,000-token corpus on 2 CPU cores).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InitStage {
+    /// Choosing each layer's keys (counted in layers).
+    SelectKeys,
+    /// Refitting the values: one forward per corpus segment (counted in segments).
+    FitValues,
+    /// Refining the keys by gradient descent (counted in layer x KV head).
+    RefineKeys,
+}
+
+impl InitStage {
+    /// What [`InitProgress::done`] counts.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Self::SelectKeys => "layers",
+            Self::FitValues => "segments",
+            Self::RefineKeys => "heads",
+        }
+    }
+}
+
+/// How far a start has come: `done` of `total` units of `stage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct InitProgress {
+    /// The part running.
+    pub stage: InitStage,
+    /// Units finished.
+    pub done: usize,
+    /// Units of this part.
+    pub total: usize,
+}
+
 /// The initial KV cartridge of `p` slots (positions `0..p-1`).
 pub fn init_kv(
     model: &Transformer,
@@ -152,6 +187,18 @@ pub fn init_kv(
     kind: InitKind,
     corpus_ids: Option<&[u32]>,
     seed: u64,
+) -> Result<PrefixKv> {
+    init_kv_reporting(model, p, kind, corpus_ids, seed, &mut |_| {})
+}
+
+/// [`init_kv`], telling `progress` how far the corpus-selected starts have come.
+pub fn init_kv_reporting(
+    model: &Transformer,
+    p: usize,
+    kind: InitKind,
+    corpus_ids: Option<&[u32]>,
+    seed: u64,
+    progress: &mut dyn FnMut(InitProgress),
 ) -> Result<PrefixKv> {
     if p == 0 {
         return Err(Error::Config("a cartridge needs at least one token".into()));
@@ -173,7 +220,7 @@ pub fn init_kv(
                 InitKind::SelectedRefined => Fit::Refined,
                 _ => Fit::None,
             };
-            select_corpus_kv(model, p, ids, fit)
+            select_corpus_kv_reporting(model, p, ids, fit, progress)
         }
         InitKind::Given => Err(given_elsewhere()),
         InitKind::RandomVectors => {
@@ -237,6 +284,18 @@ pub fn select_corpus_kv(
     p: usize,
     corpus: &[u32],
     fit: Fit,
+) -> Result<PrefixKv> {
+    select_corpus_kv_reporting(model, p, corpus, fit, &mut |_| {})
+}
+
+/// [`select_corpus_kv`], telling `progress` after each layer selected, segment fitted and head
+/// refined.
+pub fn select_corpus_kv_reporting(
+    model: &Transformer,
+    p: usize,
+    corpus: &[u32],
+    fit: Fit,
+    progress: &mut dyn FnMut(InitProgress),
 ) -> Result<PrefixKv> {
     if corpus.len() < p {
         return Err(Error::Config(format!(
@@ -312,12 +371,17 @@ pub fn select_corpus_kv(
         };
         layers.push((k, Tensor::cat(&values, 0)?));
         picks.push(slots);
+        progress(InitProgress {
+            stage: InitStage::SelectKeys,
+            done: li + 1,
+            total: cfg.num_layers,
+        });
     }
     // The fits run their own forwards; the observers' queries are not needed any more.
     drop(segments);
     match fit {
         Fit::None => {}
-        Fit::Values => refit_values(model, &chosen_segments, &picks, &mut layers, None)?,
+        Fit::Values => refit_values(model, &chosen_segments, &picks, &mut layers, None, progress)?,
         Fit::Refined => {
             let mut observed: Vec<Vec<Observed>> = (0..cfg.num_layers)
                 .map(|_| (0..cfg.num_kv_heads).map(|_| Observed::default()).collect())
@@ -328,7 +392,9 @@ pub fn select_corpus_kv(
                 &picks,
                 &mut layers,
                 Some(&mut observed),
+                progress,
             )?;
+            let heads = cfg.num_layers * cfg.num_kv_heads;
             for (li, layer) in layers.iter_mut().enumerate() {
                 let mut keys = Vec::with_capacity(cfg.num_kv_heads);
                 for (h, obs) in observed[li].iter().enumerate() {
@@ -336,6 +402,11 @@ pub fn select_corpus_kv(
                     keys.push(match obs.read_error(&picks[li][h])? {
                         Some(error) => error.refine(&start, &layer.1.get(h)?)?,
                         None => start,
+                    });
+                    progress(InitProgress {
+                        stage: InitStage::RefineKeys,
+                        done: li * cfg.num_kv_heads + h + 1,
+                        total: heads,
                     });
                 }
                 let keys = Tensor::stack(&keys, 0)?;
@@ -394,6 +465,7 @@ fn refit_values(
     picks: &[Vec<Vec<(usize, usize)>>],
     layers: &mut [(Tensor, Tensor)],
     mut observed: Option<&mut Vec<Vec<Observed>>>,
+    progress: &mut dyn FnMut(InitProgress),
 ) -> Result<()> {
     let cfg = model.config();
     let groups = cfg.num_attention_heads / cfg.num_kv_heads;
@@ -419,6 +491,11 @@ fn refit_values(
                 }
             }
         }
+        progress(InitProgress {
+            stage: InitStage::FitValues,
+            done: si + 1,
+            total: segments.len(),
+        });
     }
     for (layer, eqs) in layers.iter_mut().zip(equations) {
         let mut values = Vec::with_capacity(eqs.len());

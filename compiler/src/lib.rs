@@ -48,7 +48,7 @@ pub use config::{ArtifactKind, ComputeDtype, RunOptions, TrainConfig};
 pub use data::PromptSummary;
 pub use error::{Error, Result};
 pub use eval::EvalPoint;
-pub use init::{InitKind, InitialParams};
+pub use init::{InitKind, InitProgress, InitStage, InitialParams};
 pub use objective::Objective;
 pub use optim::{Adam, AdamParams};
 pub use schedule::Schedule;

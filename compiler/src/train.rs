@@ -23,7 +23,7 @@ use crate::config::{ArtifactKind, RunOptions, TrainConfig};
 use crate::data::{self, Example, PromptSummary};
 use crate::error::{Error, Result};
 use crate::eval::{self, EvalPoint};
-use crate::init::{init_kv, init_soft_prompt, InitKind, InitialParams};
+use crate::init::{init_kv_reporting, init_soft_prompt, InitKind, InitProgress, InitialParams};
 use crate::metrics::MetricsLog;
 use crate::objective::{loss_sum, Batch};
 use crate::optim::Adam;
@@ -89,6 +89,8 @@ pub struct StepInfo {
 /// What the callback hears.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Progress {
+    /// The start is being computed (corpus-selected starts only; before [`Progress::Started`]).
+    Init(InitProgress),
     /// Training is about to start (or continue at `start_step`).
     Started {
         /// First step to run (0, or the checkpoint's).
@@ -260,11 +262,33 @@ pub fn step_gradients(
 /// The parameters a run starts from: computed by `cfg.init`, or the caller's `given` start
 /// ([`InitKind::Given`]), checked against the run's kind and size and the model's shapes. They
 /// are f32 whatever the compute precision (the master copy).
+/// Parameters of the run's shape, all zero, for a checkpoint to fill: every value is replaced by
+/// the checkpoint's before use.
+fn placeholder_params(cfg: &TrainConfig, net: &Transformer) -> Result<Params> {
+    let mc = net.config();
+    let dev = net.device();
+    Ok(match cfg.artifact {
+        ArtifactKind::Kv => {
+            let zeros = Tensor::zeros((mc.num_kv_heads, cfg.tokens, mc.head_dim), DType::F32, dev)?;
+            let layers = (0..mc.num_layers)
+                .map(|_| (zeros.clone(), zeros.clone()))
+                .collect();
+            Params::Kv(KvParams::new(&PrefixKv::new(layers)?, cfg.frozen_tokens)?)
+        }
+        ArtifactKind::SoftPrompt => Params::Soft(SoftParams::new(&Tensor::zeros(
+            (cfg.tokens, mc.hidden_size),
+            DType::F32,
+            dev,
+        )?)?),
+    })
+}
+
 fn initial_params(
     cfg: &TrainConfig,
     net: &Transformer,
     corpus_ids: Option<&[u32]>,
     given: Option<&InitialParams>,
+    progress: &mut dyn FnMut(&Progress),
 ) -> Result<Params> {
     let mc = net.config();
     let mismatch = |what: String| Err(Error::Config(format!("the given start {what}")));
@@ -313,10 +337,15 @@ fn initial_params(
         (ArtifactKind::SoftPrompt, _, Some(InitialParams::Kv(_))) => {
             mismatch("is a KV cartridge, the run trains a soft prompt".into())
         }
-        (ArtifactKind::Kv, kind, None) => Ok(Params::Kv(KvParams::new(
-            &init_kv(net, cfg.tokens, kind, corpus_ids, cfg.seed)?.to_dtype(DType::F32)?,
-            cfg.frozen_tokens,
-        )?)),
+        (ArtifactKind::Kv, kind, None) => {
+            let kv = init_kv_reporting(net, cfg.tokens, kind, corpus_ids, cfg.seed, &mut |p| {
+                progress(&Progress::Init(p))
+            })?;
+            Ok(Params::Kv(KvParams::new(
+                &kv.to_dtype(DType::F32)?,
+                cfg.frozen_tokens,
+            )?))
+        }
         (ArtifactKind::SoftPrompt, kind, None) => Ok(Params::Soft(SoftParams::new(
             &init_soft_prompt(net, cfg.tokens, kind, corpus_ids, cfg.seed)?,
         )?)),
@@ -403,13 +432,25 @@ pub fn train(
         .max_steps
         .unwrap_or_else(|| (cfg.epochs * train_ex.len()).div_ceil(cfg.batch_size));
 
-    let mut params = initial_params(cfg, net, corpus_ids, opts.initial.as_ref())?;
-    let vars = params.vars();
-    let mut adam = Adam::new(vars.clone(), cfg.adam)?;
     let ckpt_path = opts
         .checkpoint_path
         .clone()
         .unwrap_or_else(|| with_suffix(out, ".ckpt"));
+    let resume_from = if opts.resume && ckpt_path.is_file() {
+        Some(checkpoint::load(&ckpt_path, net.device())?)
+    } else {
+        None
+    };
+    let mut params = match (&resume_from, opts.initial.as_ref()) {
+        // A computed start is all in the checkpoint (trainable and frozen slots): computing it
+        // again only to overwrite it would cost a resumed build most of an hour with
+        // `selected-refined`. (A given start is read from its file and may carry a logit bias,
+        // which the checkpoint does not hold.)
+        (Some(_), None) => placeholder_params(cfg, net)?,
+        _ => initial_params(cfg, net, corpus_ids, opts.initial.as_ref(), progress)?,
+    };
+    let vars = params.vars();
+    let mut adam = Adam::new(vars.clone(), cfg.adam)?;
     let metrics_path = opts
         .metrics_path
         .clone()
@@ -421,8 +462,7 @@ pub fn train(
         .created
         .clone()
         .unwrap_or_else(cartridge_formats::time::now_rfc3339);
-    if opts.resume && ckpt_path.is_file() {
-        let ck = checkpoint::load(&ckpt_path, net.device())?;
+    if let Some(ck) = resume_from {
         let bad = |message: String| Error::Checkpoint {
             path: ckpt_path.clone(),
             message,
@@ -542,6 +582,12 @@ pub fn train(
         .stop_after
         .map_or(total_steps, |s| s.min(total_steps))
         .max(start_step);
+    // A checkpoint of the start, before the first step: a run killed before its first periodic
+    // checkpoint then resumes without computing the start again.
+    if start_step == 0 && end > 0 && cfg.checkpoint_every > 0 {
+        save_ckpt(&params, &adam, 0)?;
+        progress(&Progress::Checkpoint { step: 0 });
+    }
     let mut last_loss = None;
     let (mut step_secs, mut step_tokens) = (0f64, 0usize);
     for step in start_step..end {

@@ -1,5 +1,6 @@
 //! Training on a tiny random model: the held-out loss falls, frozen slots stay put, a stopped and
-//! resumed run writes the same bytes as an uninterrupted one, the `.cart` loads in the runtime
+//! resumed run writes the same bytes as an uninterrupted one (also when killed right after its
+//! start, which is then not computed again), the `.cart` loads in the runtime
 //! (and is refused by another model), the soft-prompt path trains, and the row-gathered loss
 //! equals the textbook full-vocabulary formula; two runs never write the same output at once.
 
@@ -9,8 +10,8 @@ use candle_core::{Device, Tensor};
 use cartridge_compiler::data::Example;
 use cartridge_compiler::objective::{loss_sum, Batch};
 use cartridge_compiler::{
-    train, ArtifactKind, InitKind, InitialParams, Objective, Progress, RunOptions, TrainConfig,
-    TrainSummary,
+    train, ArtifactKind, InitKind, InitStage, InitialParams, Objective, Progress, RunOptions,
+    TrainConfig, TrainSummary,
 };
 use cartridge_runtime::cartridge_file::{load_cartridge, load_soft_prompt};
 use cartridge_runtime::models::Logits;
@@ -157,6 +158,71 @@ fn cart_is_refused_by_another_model() {
     run(&c, &out, &opts());
     let (_, other) = tiny_model(12, "model-b");
     assert!(load_cartridge(&out, &other, &Device::Cpu).is_err());
+}
+
+#[test]
+fn a_run_killed_before_its_first_checkpoint_resumes_without_computing_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, fp) = tiny_model(11, "model-a");
+    let data = toy_data(&model, 16, 8);
+    let c = TrainConfig {
+        init: InitKind::SelectedFitted,
+        max_steps: Some(5),
+        checkpoint_every: 50,
+        eval_every: 0,
+        ..cfg()
+    };
+    let model_ref = cartridge_compiler::ModelRef {
+        transformer: &model,
+        fingerprint: &fp,
+    };
+    let run = |out: &std::path::Path, opts: &RunOptions, corpus_ids: Option<&[u32]>| {
+        let mut events = Vec::new();
+        let s = train(&c, model_ref, &data, corpus_ids, out, opts, &mut |p| {
+            events.push(p.clone());
+            // What a kill right after the first checkpoint would leave: keep a copy of it.
+            if *p == (Progress::Checkpoint { step: 0 }) {
+                std::fs::copy(out.with_extension("ckpt"), out.with_extension("step0")).unwrap();
+            }
+        })
+        .expect("training runs");
+        (s, events)
+    };
+    let corpus = corpus();
+    let whole = dir.path().join("whole.cart");
+    let (s, events) = run(&whole, &opts(), Some(&corpus));
+    assert!(s.finished);
+    // The start reports its parts as it goes, before training starts.
+    let init: Vec<_> = events
+        .iter()
+        .take_while(|p| !matches!(p, Progress::Started { .. }))
+        .filter_map(|p| match p {
+            Progress::Init(i) => Some((i.stage, i.done, i.total)),
+            _ => None,
+        })
+        .collect();
+    let layers = model.config().num_layers;
+    assert_eq!(init.first(), Some(&(InitStage::SelectKeys, 1, layers)));
+    assert!(init.contains(&(InitStage::SelectKeys, layers, layers)));
+    assert_eq!(init.last(), Some(&(InitStage::FitValues, 1, 1)));
+    assert!(events.contains(&Progress::Checkpoint { step: 0 }));
+
+    // "Killed" after the first checkpoint: the checkpoint is back, the output is not there.
+    let parts = dir.path().join("parts.cart");
+    std::fs::copy(whole.with_extension("step0"), parts.with_extension("ckpt")).unwrap();
+    let resume = RunOptions {
+        resume: true,
+        ..opts()
+    };
+    // Without the corpus ids, the start could not be computed again: the run must not need it.
+    let (s2, events2) = run(&parts, &resume, None);
+    assert!(s2.finished);
+    assert!(!events2.iter().any(|p| matches!(p, Progress::Init(_))));
+    assert_eq!(
+        std::fs::read(&whole).unwrap(),
+        std::fs::read(&parts).unwrap(),
+        "the resumed .cart differs from the uninterrupted one"
+    );
 }
 
 #[test]

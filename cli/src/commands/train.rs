@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use cartridge_compiler::{
-    ArtifactKind, ComputeDtype, InitKind, InitialParams, Objective, Progress as TrainProgress,
-    PromptSummary, RunOptions, Schedule, TrainConfig, TrainData, TrainSummary,
+    ArtifactKind, ComputeDtype, InitKind, InitStage, InitialParams, Objective,
+    Progress as TrainProgress, PromptSummary, RunOptions, Schedule, TrainConfig, TrainData,
+    TrainSummary,
 };
 use cartridge_eval::corpus_context::{manifest_description, system_ids, CorpusContext};
 use cartridge_formats::cart::{CartFile, Compression, Dims};
@@ -426,6 +427,8 @@ pub fn run_training(
     json: bool,
 ) -> Result<TrainSummary> {
     let mut bar: Option<Progress> = None;
+    // The start's current part and its display (corpus-selected starts report as they go).
+    let mut init_bar: Option<(InitStage, Progress)> = None;
     let summary = cartridge_compiler::train_loaded(
         cfg,
         loaded,
@@ -434,6 +437,22 @@ pub fn run_training(
         out,
         opts,
         &mut |p: &TrainProgress| match p {
+            TrainProgress::Init(i) => {
+                if init_bar.as_ref().is_none_or(|(stage, _)| *stage != i.stage) {
+                    if let Some((_, b)) = init_bar.take() {
+                        b.finish();
+                    }
+                    init_bar = Some((i.stage, Progress::new(i.total as u64, i.stage.unit(), json)));
+                }
+                if let Some((_, b)) = &init_bar {
+                    b.update(
+                        i.done as u64,
+                        format!("start: {}", init_stage_text(i.stage)),
+                        json!({"event": "init", "stage": "train", "part": i.stage,
+                            "done": i.done, "total": i.total}),
+                    );
+                }
+            }
             TrainProgress::Started {
                 start_step,
                 total_steps,
@@ -441,6 +460,9 @@ pub fn run_training(
                 eval_examples,
                 trainable,
             } => {
+                if let Some((_, b)) = init_bar.take() {
+                    b.finish();
+                }
                 let b = Progress::new(*total_steps as u64, "steps", json);
                 b.update(
                     *start_step as u64,
@@ -496,7 +518,19 @@ pub fn run_training(
     if let Some(b) = &bar {
         b.finish();
     }
+    if let Some((_, b)) = &init_bar {
+        b.finish();
+    }
     Ok(summary?)
+}
+
+/// What a part of the start does, for the progress line.
+fn init_stage_text(stage: InitStage) -> &'static str {
+    match stage {
+        InitStage::SelectKeys => "selecting the corpus's keys",
+        InitStage::FitValues => "refitting values",
+        InitStage::RefineKeys => "refining keys",
+    }
 }
 
 fn print_summary(s: &TrainSummary, json: bool) -> Result<()> {
