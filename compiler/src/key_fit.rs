@@ -10,6 +10,8 @@
 //! Moving the values as well read worse on quenmar's questions (BENCHMARKS.md, "Training").
 
 use candle_core::{DType, Tensor, Var, D};
+use cartridge_runtime::kernels;
+use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::optim::{Adam, AdamParams};
@@ -27,6 +29,14 @@ pub const REFINE_LR: f64 = 3e-3;
 
 /// Masked score: far below any real score, finite so that no gradient becomes NaN.
 const HIDDEN: f32 = -1e9;
+
+/// Observer rows per block of the fused error on the CPU: a block's `[rows, p]` scores stay in
+/// cache.
+const ROW_BLOCK: usize = 64;
+
+/// Fixed groups of blocks whose key gradients are summed in group order, so that the sum (and
+/// so the refined keys) does not depend on how the threads share the work.
+const CHUNKS: usize = 8;
 
 /// A head's observers: queries, what they read from their whole segment, and what they may see.
 #[derive(Default)]
@@ -90,10 +100,35 @@ impl Observed {
                 }
             }
         }
+        let cpu = q.device().is_cpu().then(|| -> Result<CpuRows> {
+            Ok(CpuRows {
+                q: q.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+                o: o.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+                visible: mask.iter().map(|&m| m == 0.0).collect(),
+                d: q.dim(1)?,
+            })
+        });
         let mask = Tensor::from_vec(mask, (rows, p), q.device())?;
         let scale = o.sqr()?.mean_all()?.to_scalar::<f32>()?.max(1e-12) as f64;
-        Ok(Some(ReadError { q, o, mask, scale }))
+        Ok(Some(ReadError {
+            q,
+            o,
+            mask,
+            scale,
+            cpu: cpu.transpose()?,
+        }))
     }
+}
+
+/// A [`ReadError`]'s observers as row-major f32, for the fused CPU error.
+struct CpuRows {
+    /// `[rows, d]` queries.
+    q: Vec<f32>,
+    /// `[rows, d]` their reads over the whole segment.
+    o: Vec<f32>,
+    /// `[rows, p]`: whether the row sees the slot.
+    visible: Vec<bool>,
+    d: usize,
 }
 
 /// The observers' mean squared read error with a head's slots, relative to the mean square of
@@ -104,6 +139,8 @@ pub struct ReadError {
     /// `[rows, p]`: 0 where a row sees the slot, [`HIDDEN`] where not.
     mask: Tensor,
     scale: f64,
+    /// The same observers for [`Self::loss_and_grad`] (on the CPU only).
+    cpu: Option<CpuRows>,
 }
 
 impl ReadError {
@@ -124,11 +161,120 @@ impl ReadError {
         let k = Var::from_tensor(&keys.to_dtype(DType::F32)?.contiguous()?)?;
         let values = values.to_dtype(DType::F32)?.detach();
         let mut adam = Adam::new(vec![k.clone()], AdamParams::default())?;
+        let value_rows: Option<Vec<f32>> = match &self.cpu {
+            Some(_) => Some(values.flatten_all()?.to_vec1()?),
+            None => None,
+        };
         for _ in 0..REFINE_STEPS {
-            let grads = self.of(k.as_tensor(), &values)?.backward()?;
-            adam.update(&[grads.get(k.as_tensor()).cloned()], REFINE_LR)?;
+            let grad = match &value_rows {
+                Some(v) => {
+                    let current: Vec<f32> = k.as_tensor().flatten_all()?.to_vec1()?;
+                    let (_, grad) = self.loss_and_grad(&current, v)?;
+                    Tensor::from_vec(grad, k.dims(), k.device())?
+                }
+                None => {
+                    let grads = self.of(k.as_tensor(), &values)?.backward()?;
+                    match grads.get(k.as_tensor()) {
+                        Some(g) => g.clone(),
+                        None => k.as_tensor().zeros_like()?,
+                    }
+                }
+            };
+            adam.update(&[Some(grad)], REFINE_LR)?;
         }
         Ok(k.as_tensor().to_dtype(keys.dtype())?)
+    }
+
+    /// The error of [`Self::of`] and its gradient in `keys`, for `keys, values: [p, d]` as
+    /// row-major f32 on the CPU (`None` there: the observers are on another device).
+    ///
+    /// Why: built from candle ops, each of the refinement's steps wrote about twenty
+    /// `[rows, p]` tensors forward and backward (8,192 x 512 for quenmar), and the refinement of
+    /// a 512-token start took most of an hour on 2 cores, nearly all of it in those passes. Here
+    /// blocks of [`ROW_BLOCK`] rows go through scores, softmax, reads, error and the backward
+    /// while their scores stay in cache: four small matrix products and three passes per block.
+    /// `S = Q K^T` (hidden slots excluded), `A = softmax(S)`, `L = |A V - O|^2 / (rows d scale)`;
+    /// `dA = dL/d(AV) V^T`, `dS = A (dA - sum_j A_j dA_j)`, `dK = dS^T Q`.
+    fn loss_and_grad(&self, keys: &[f32], values: &[f32]) -> Result<(f64, Vec<f32>)> {
+        let Some(cpu) = &self.cpu else {
+            return Err(crate::error::Error::Config(
+                "the fused read error runs on the CPU only".into(),
+            ));
+        };
+        let d = cpu.d;
+        let p = keys.len() / d;
+        let rows = cpu.q.len() / d;
+        let blocks = rows.div_ceil(ROW_BLOCK);
+        let per_chunk = blocks.div_ceil(CHUNKS);
+        let denominator = (rows * d) as f64 * self.scale;
+        let d_read = (2.0 / denominator) as f32;
+        let parts: Vec<(f64, Vec<f32>)> = (0..CHUNKS)
+            .into_par_iter()
+            .map(|chunk| {
+                let mut grad = vec![0f32; p * d];
+                let mut sum_sq = 0f64;
+                let mut a = vec![0f32; ROW_BLOCK * p];
+                let mut da = vec![0f32; ROW_BLOCK * p];
+                let mut y = vec![0f32; ROW_BLOCK * d];
+                for block in chunk * per_chunk..((chunk + 1) * per_chunk).min(blocks) {
+                    let r0 = block * ROW_BLOCK;
+                    let n = ROW_BLOCK.min(rows - r0);
+                    let q = &cpu.q[r0 * d..(r0 + n) * d];
+                    let (a, da, y) = (&mut a[..n * p], &mut da[..n * p], &mut y[..n * d]);
+                    kernels::matmul((n, p, d), a, p, false, q, (d, 1), keys, (1, d));
+                    for (r, row) in a.chunks_mut(p).enumerate() {
+                        softmax_over_visible(row, &cpu.visible[(r0 + r) * p..(r0 + r + 1) * p]);
+                    }
+                    kernels::matmul((n, d, p), y, d, false, a, (p, 1), values, (d, 1));
+                    // The read's error, then `y` becomes the error's gradient in the read.
+                    for (y, &o) in y.iter_mut().zip(&cpu.o[r0 * d..(r0 + n) * d]) {
+                        let e = *y - o;
+                        sum_sq += f64::from(e) * f64::from(e);
+                        *y = d_read * e;
+                    }
+                    kernels::matmul((n, p, d), da, p, false, y, (d, 1), values, (1, d));
+                    // `a` becomes dS.
+                    for (a, da) in a.chunks_mut(p).zip(da.chunks(p)) {
+                        let dot: f32 = a.iter().zip(da.iter()).map(|(a, g)| a * g).sum();
+                        for (a, &g) in a.iter_mut().zip(da.iter()) {
+                            *a *= g - dot;
+                        }
+                    }
+                    kernels::matmul((p, d, n), &mut grad, d, true, a, (1, p), q, (d, 1));
+                }
+                (sum_sq, grad)
+            })
+            .collect();
+        let mut grad = vec![0f32; p * d];
+        let mut sum_sq = 0f64;
+        for (s, g) in parts {
+            sum_sq += s;
+            for (total, g) in grad.iter_mut().zip(g) {
+                *total += g;
+            }
+        }
+        Ok((sum_sq / denominator, grad))
+    }
+}
+
+/// `row <- softmax(row)` over the entries `visible` marks, 0 elsewhere; a row that sees no slot
+/// reads all of them evenly, as the masked graph does (every score is then equally hidden).
+fn softmax_over_visible(row: &mut [f32], visible: &[bool]) {
+    if !visible.contains(&true) {
+        row.fill(1.0 / row.len() as f32);
+        return;
+    }
+    for (s, &v) in row.iter_mut().zip(visible) {
+        if !v {
+            *s = f32::NEG_INFINITY;
+        }
+    }
+    kernels::softmax(row);
+    // Exactly 0 (the softmax leaves ~1e-38), so that a hidden slot gets no gradient at all.
+    for (s, &v) in row.iter_mut().zip(visible) {
+        if !v {
+            *s = 0.0;
+        }
     }
 }
 
@@ -136,6 +282,62 @@ impl ReadError {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The fused CPU error and gradient equal the graph's (candle's autograd through the masked
+    /// softmax): rows that see some slots, rows that see none (segment 0 has no slot), more rows
+    /// than one block and chunk.
+    #[test]
+    fn the_fused_error_and_gradient_match_the_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, d, groups) = (700, 8, 2);
+        let mut observed = Observed::default();
+        let mut segments = Vec::new();
+        for segment in 0..2 {
+            let q = (Tensor::randn(0f32, 1.0, (groups * n, d), &dev)? * 0.7)?;
+            let k = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
+            observed.add(&q, &k, &v, segment, false)?;
+            observed.add(&q, &k, &v, segment, true)?;
+            segments.push((k, v));
+        }
+        let slots: Vec<(usize, usize)> = (0..n).step_by(19).map(|i| (1, i)).collect();
+        let (k, v) = &segments[1];
+        let pick = |t: &Tensor| -> Result<Tensor> {
+            let rows = slots
+                .iter()
+                .map(|&(_, i)| Ok(t.get(i)?))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::stack(&rows, 0)?)
+        };
+        let keys = (pick(k)? + Tensor::randn(0f32, 0.3, (slots.len(), d), &dev)?)?;
+        let values = pick(v)?;
+        let error = observed.read_error(&slots)?.expect("observers");
+        let rows = error.q.dim(0)?;
+        assert!(rows > ROW_BLOCK * CHUNKS, "{rows} rows");
+        let var = Var::from_tensor(&keys)?;
+        let graph = error.of(var.as_tensor(), &values)?;
+        let want_grad: Vec<f32> = graph
+            .backward()?
+            .get(var.as_tensor())
+            .expect("a gradient")
+            .flatten_all()?
+            .to_vec1()?;
+        let (loss, grad) = error.loss_and_grad(
+            &keys.flatten_all()?.to_vec1()?,
+            &values.flatten_all()?.to_vec1()?,
+        )?;
+        let want = f64::from(graph.to_scalar::<f32>()?);
+        assert!((loss - want).abs() <= 1e-5 * want, "loss {loss} vs {want}");
+        let largest = want_grad.iter().fold(0f32, |m, g| m.max(g.abs()));
+        assert!(largest > 0.0);
+        for (i, (g, w)) in grad.iter().zip(&want_grad).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-4 * largest,
+                "gradient {i}: {g} vs {w} (largest {largest})"
+            );
+        }
+        Ok(())
+    }
 
     /// Refining lowers the observers' read error, for both kinds of observer over two segments,
     /// and a slot no observer sees stays where it was.

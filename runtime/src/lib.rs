@@ -20,6 +20,7 @@ mod cpu_kernel;
 mod decode_attention;
 pub mod fused;
 pub mod generate;
+pub mod kernels;
 pub mod kv_cache;
 pub mod malloc;
 pub mod ops;
