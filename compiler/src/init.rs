@@ -145,8 +145,8 @@ fn text_ids<'a>(ids: Option<&'a [u32]>, n: usize, what: &str) -> Result<&'a [u32
     })
 }
 
-/// A part of the corpus-selected starts, as reported while it runs (the refinement of
-/// [`InitKind::SelectedRefined`] takes most of an hour for a 5,000-token corpus on 2 CPU cores).
+/// A part of the corpus-selected starts, as reported while it runs (quenmar's 512-token
+/// [`InitKind::SelectedRefined`] start takes about 10 minutes on 2 CPU cores).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum InitStage {

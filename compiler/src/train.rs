@@ -443,9 +443,9 @@ pub fn train(
     };
     let mut params = match (&resume_from, opts.initial.as_ref()) {
         // A computed start is all in the checkpoint (trainable and frozen slots): computing it
-        // again only to overwrite it would cost a resumed build most of an hour with
-        // `selected-refined`. (A given start is read from its file and may carry a logit bias,
-        // which the checkpoint does not hold.)
+        // again only to overwrite it would cost a resumed build minutes (about 10 for quenmar's
+        // `selected-refined` start). (A given start is read from its file and may carry a logit
+        // bias, which the checkpoint does not hold.)
         (Some(_), None) => placeholder_params(cfg, net)?,
         _ => initial_params(cfg, net, corpus_ids, opts.initial.as_ref(), progress)?,
     };

@@ -49,7 +49,7 @@ pub struct TrainArgs {
     /// inside its system message, rendered by the chat template), selected-fitted (the same keys, with values
     /// refitted by least squares to read what the whole corpus read: one more pass over it),
     /// selected-refined (selected-fitted, then its keys refined by gradient descent towards the
-    /// same reads: the best answer log-likelihood of the untrained starts; about 20 min more for
+    /// same reads: the best answer log-likelihood of the untrained starts; about 5 min more for
     /// 5,000 corpus tokens on 2 CPU cores), corpus (KV of the corpus's first tokens),
     /// random-text, random-vectors, sampled-chunks.
     #[arg(long, default_value = "selected-keys", value_parser = ["corpus", "selected-keys", "selected-fitted", "selected-refined", "random-text", "random-vectors", "sampled-chunks"])]
