@@ -331,6 +331,12 @@ pub fn select_corpus_kv_reporting(
     let mut picks: Vec<Vec<Vec<(usize, usize)>>> = Vec::with_capacity(cfg.num_layers);
     // Per layer, the selected keys where they were computed (only for [`Fit::Refined`]).
     let mut frame_keys = Vec::new();
+    // Each part reports once as it starts (0 done), so that a display shows it at once.
+    progress(InitProgress {
+        stage: InitStage::SelectKeys,
+        done: 0,
+        total: cfg.num_layers,
+    });
     for li in 0..cfg.num_layers {
         let mut keys = Vec::with_capacity(cfg.num_kv_heads);
         let mut values = Vec::with_capacity(cfg.num_kv_heads);
@@ -395,6 +401,11 @@ pub fn select_corpus_kv_reporting(
                 progress,
             )?;
             let heads = cfg.num_layers * cfg.num_kv_heads;
+            progress(InitProgress {
+                stage: InitStage::RefineKeys,
+                done: 0,
+                total: heads,
+            });
             for (li, layer) in layers.iter_mut().enumerate() {
                 let mut keys = Vec::with_capacity(cfg.num_kv_heads);
                 for (h, obs) in observed[li].iter().enumerate() {
@@ -472,6 +483,11 @@ fn refit_values(
     let mut equations: Vec<Vec<Option<NormalEquations>>> = (0..cfg.num_layers)
         .map(|_| (0..cfg.num_kv_heads).map(|_| None).collect())
         .collect();
+    progress(InitProgress {
+        stage: InitStage::FitValues,
+        done: 0,
+        total: segments.len(),
+    });
     for (si, seg) in segments.iter().enumerate() {
         let (kv, queries) = model.kv_and_queries(seg)?;
         for (li, ((k, v), q)) in kv.layers().iter().zip(&queries).enumerate() {

@@ -35,8 +35,9 @@ const HIDDEN: f32 = -1e9;
 const ROW_BLOCK: usize = 64;
 
 /// Fixed groups of blocks whose key gradients are summed in group order, so that the sum (and
-/// so the refined keys) does not depend on how the threads share the work.
-const CHUNKS: usize = 8;
+/// so the refined keys) does not depend on how the threads share the work (more groups than
+/// cores, so that any number of cores up to this has work).
+const CHUNKS: usize = 32;
 
 /// A head's observers: queries, what they read from their whole segment, and what they may see.
 #[derive(Default)]
@@ -100,20 +101,36 @@ impl Observed {
                 }
             }
         }
+        // A row that sees no slot reads all of them evenly whatever the keys are: it adds a
+        // constant to the error and nothing to the keys' gradient.
+        let sees_any: Vec<bool> = (0..rows)
+            .map(|r| mask[r * p..(r + 1) * p].contains(&0.0))
+            .collect();
         let cpu = q.device().is_cpu().then(|| -> Result<CpuRows> {
             Ok(CpuRows {
                 q: q.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
                 o: o.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
                 visible: mask.iter().map(|&m| m == 0.0).collect(),
+                sees_any: sees_any.clone(),
                 d: q.dim(1)?,
             })
         });
+        let sees_any_rows = Tensor::from_vec(
+            sees_any
+                .iter()
+                .map(|&s| if s { 1f32 } else { 0.0 })
+                .collect(),
+            (rows, 1),
+            q.device(),
+        )?
+        .to_dtype(q.dtype())?;
         let mask = Tensor::from_vec(mask, (rows, p), q.device())?;
         let scale = o.sqr()?.mean_all()?.to_scalar::<f32>()?.max(1e-12) as f64;
         Ok(Some(ReadError {
             q,
             o,
             mask,
+            sees_any: sees_any_rows,
             scale,
             cpu: cpu.transpose()?,
         }))
@@ -128,6 +145,8 @@ struct CpuRows {
     o: Vec<f32>,
     /// `[rows, p]`: whether the row sees the slot.
     visible: Vec<bool>,
+    /// `[rows]`: whether the row sees any slot.
+    sees_any: Vec<bool>,
     d: usize,
 }
 
@@ -138,6 +157,8 @@ pub struct ReadError {
     o: Tensor,
     /// `[rows, p]`: 0 where a row sees the slot, [`HIDDEN`] where not.
     mask: Tensor,
+    /// `[rows, 1]`: 1 where a row sees any slot, 0 where it sees none.
+    sees_any: Tensor,
     scale: f64,
     /// The same observers for [`Self::loss_and_grad`] (on the CPU only).
     cpu: Option<CpuRows>,
@@ -147,7 +168,9 @@ impl ReadError {
     /// The error with `keys, values: [p, d]` (each key in its segment's frame), as a graph
     /// (differentiable in both).
     pub fn of(&self, keys: &Tensor, values: &Tensor) -> Result<Tensor> {
-        let s = (self.q.matmul(&keys.t()?)? + &self.mask)?;
+        // A row that sees no slot gets scores of 0 before the mask, so that its even read does
+        // not pass the keys a gradient (its masked scores round to the same -1e9 anyway).
+        let s = (self.q.matmul(&keys.t()?)?.broadcast_mul(&self.sees_any)? + &self.mask)?;
         // A softmax written out: candle's fused one has no backward (DESIGN.md §3).
         let e = s
             .broadcast_sub(&s.max_keepdim(D::Minus1)?.detach())?
@@ -176,7 +199,7 @@ impl ReadError {
                     let grads = self.of(k.as_tensor(), &values)?.backward()?;
                     match grads.get(k.as_tensor()) {
                         Some(g) => g.clone(),
-                        None => k.as_tensor().zeros_like()?,
+                        None => continue,
                     }
                 }
             };
@@ -204,6 +227,13 @@ impl ReadError {
         let d = cpu.d;
         let p = keys.len() / d;
         let rows = cpu.q.len() / d;
+        debug_assert_eq!(keys.len(), p * d, "keys are [p, d]");
+        debug_assert_eq!(values.len(), p * d, "values are [p, d]");
+        debug_assert_eq!(
+            cpu.visible.len(),
+            rows * p,
+            "the keys are the slots observed"
+        );
         let blocks = rows.div_ceil(ROW_BLOCK);
         let per_chunk = blocks.div_ceil(CHUNKS);
         let denominator = (rows * d) as f64 * self.scale;
@@ -233,8 +263,12 @@ impl ReadError {
                         *y = d_read * e;
                     }
                     kernels::matmul((n, p, d), da, p, false, y, (d, 1), values, (1, d));
-                    // `a` becomes dS.
-                    for (a, da) in a.chunks_mut(p).zip(da.chunks(p)) {
+                    // `a` becomes dS (0 on a row that sees no slot: see `read_error`).
+                    for (r, (a, da)) in a.chunks_mut(p).zip(da.chunks(p)).enumerate() {
+                        if !cpu.sees_any[r0 + r] {
+                            a.fill(0.0);
+                            continue;
+                        }
                         let dot: f32 = a.iter().zip(da.iter()).map(|(a, g)| a * g).sum();
                         for (a, &g) in a.iter_mut().zip(da.iter()) {
                             *a *= g - dot;
@@ -336,6 +370,52 @@ mod tests {
                 "gradient {i}: {g} vs {w} (largest {largest})"
             );
         }
+        // Slots of a segment no observer belongs to: every row is blind, and neither form
+        // passes the keys any gradient.
+        let blind: Vec<(usize, usize)> = slots.iter().map(|&(_, i)| (2, i)).collect();
+        let error = observed.read_error(&blind)?.expect("observers");
+        let (_, grad) = error.loss_and_grad(
+            &keys.flatten_all()?.to_vec1()?,
+            &values.flatten_all()?.to_vec1()?,
+        )?;
+        assert!(
+            grad.iter().all(|&g| g == 0.0),
+            "fused gradient of blind rows"
+        );
+        let graph = error.of(var.as_tensor(), &values)?.backward()?;
+        let graph_grad = graph.get(var.as_tensor()).expect("a gradient");
+        assert_eq!(graph_grad.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+        Ok(())
+    }
+
+    /// Off the CPU, `refine` steps on the graph's gradient; it ends where the fused steps do.
+    #[test]
+    fn the_graph_and_the_fused_refinement_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, d) = (150, 8);
+        let q = (Tensor::randn(0f32, 1.0, (2 * n, d), &dev)? * 0.7)?;
+        let k = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
+        let mut observed = Observed::default();
+        observed.add(&q, &k, &v, 0, false)?;
+        observed.add(&q, &k, &v, 0, true)?;
+        let slots: Vec<(usize, usize)> = (0..n).step_by(10).map(|i| (0, i)).collect();
+        let index = Tensor::new(
+            slots.iter().map(|&(_, i)| i as u32).collect::<Vec<_>>(),
+            &dev,
+        )?;
+        let (keys, values) = (k.index_select(&index, 0)?, v.index_select(&index, 0)?);
+        let fused = observed.read_error(&slots)?.expect("observers");
+        let mut graph = observed.read_error(&slots)?.expect("observers");
+        graph.cpu = None;
+        let (a, b) = (fused.refine(&keys, &values)?, graph.refine(&keys, &values)?);
+        let moved = (&a - &keys)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let apart = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(moved > 0.1, "the keys moved by {moved}");
+        assert!(
+            apart < 1e-2 * moved,
+            "the two refinements differ by {apart} ({moved} moved)"
+        );
         Ok(())
     }
 

@@ -259,9 +259,6 @@ pub fn step_gradients(
     Ok((grads, loss, tokens))
 }
 
-/// The parameters a run starts from: computed by `cfg.init`, or the caller's `given` start
-/// ([`InitKind::Given`]), checked against the run's kind and size and the model's shapes. They
-/// are f32 whatever the compute precision (the master copy).
 /// Parameters of the run's shape, all zero, for a checkpoint to fill: every value is replaced by
 /// the checkpoint's before use.
 fn placeholder_params(cfg: &TrainConfig, net: &Transformer) -> Result<Params> {
@@ -283,6 +280,9 @@ fn placeholder_params(cfg: &TrainConfig, net: &Transformer) -> Result<Params> {
     })
 }
 
+/// The parameters a run starts from: computed by `cfg.init`, or the caller's `given` start
+/// ([`InitKind::Given`]), checked against the run's kind and size and the model's shapes. They
+/// are f32 whatever the compute precision (the master copy).
 fn initial_params(
     cfg: &TrainConfig,
     net: &Transformer,
@@ -446,7 +446,7 @@ pub fn train(
         // again only to overwrite it would cost a resumed build minutes (about 10 for quenmar's
         // `selected-refined` start). (A given start is read from its file and may carry a logit
         // bias, which the checkpoint does not hold.)
-        (Some(_), None) => placeholder_params(cfg, net)?,
+        (Some(_), None) if cfg.init != InitKind::Given => placeholder_params(cfg, net)?,
         _ => initial_params(cfg, net, corpus_ids, opts.initial.as_ref(), progress)?,
     };
     let vars = params.vars();
@@ -511,6 +511,39 @@ pub fn train(
         trainable: params.trainable_scalars(),
     });
 
+    let save_ckpt = |params: &Params, adam: &Adam, step: usize| -> Result<()> {
+        let state = CheckpointState {
+            version: CHECKPOINT_VERSION,
+            step,
+            cursor: step * cfg.batch_size,
+            seed: cfg.seed,
+            settings: cfg.result_settings(),
+            data_digest: digest.clone(),
+            created: created.clone(),
+        };
+        let tensors: Vec<Tensor> = params
+            .vars()
+            .iter()
+            .map(|v| v.as_tensor().clone())
+            .collect();
+        let frozen = match params {
+            Params::Kv(kv) => kv.frozen_tensors(),
+            Params::Soft(_) => Vec::new(),
+        };
+        checkpoint::save(&ckpt_path, &state, &tensors, &frozen, adam.moments())
+    };
+    // Never below the resumed step: a checkpoint must not claim steps its parameters lack.
+    let end = opts
+        .stop_after
+        .map_or(total_steps, |s| s.min(total_steps))
+        .max(start_step);
+    // A checkpoint of the start, before the evaluations and the first step: a run killed before
+    // its first periodic checkpoint then resumes without computing the start again.
+    if start_step == 0 && end > 0 && cfg.checkpoint_every > 0 {
+        save_ckpt(&params, &adam, 0)?;
+        progress(&Progress::Checkpoint { step: 0 });
+    }
+
     // The bare model and the teacher floor do not change during training: measure them once.
     let objective = cfg.objective;
     let (bare, teacher) = if eval_ex.is_empty() {
@@ -549,44 +582,11 @@ pub fn train(
             gap_closed: eval::gap_closed(bare, teacher, loss),
         }))
     };
-    let save_ckpt = |params: &Params, adam: &Adam, step: usize| -> Result<()> {
-        let state = CheckpointState {
-            version: CHECKPOINT_VERSION,
-            step,
-            cursor: step * cfg.batch_size,
-            seed: cfg.seed,
-            settings: cfg.result_settings(),
-            data_digest: digest.clone(),
-            created: created.clone(),
-        };
-        let tensors: Vec<Tensor> = params
-            .vars()
-            .iter()
-            .map(|v| v.as_tensor().clone())
-            .collect();
-        let frozen = match params {
-            Params::Kv(kv) => kv.frozen_tensors(),
-            Params::Soft(_) => Vec::new(),
-        };
-        checkpoint::save(&ckpt_path, &state, &tensors, &frozen, adam.moments())
-    };
-
     let first_eval = evaluate(&params, start_step)?;
     // A resumed run does not log its starting point again: the log then reads exactly like an
     // uninterrupted run's.
     if let (Some(p), 0) = (&first_eval, start_step) {
         log_eval(progress, &mut metrics, p)?;
-    }
-    // Never below the resumed step: a checkpoint must not claim steps its parameters lack.
-    let end = opts
-        .stop_after
-        .map_or(total_steps, |s| s.min(total_steps))
-        .max(start_step);
-    // A checkpoint of the start, before the first step: a run killed before its first periodic
-    // checkpoint then resumes without computing the start again.
-    if start_step == 0 && end > 0 && cfg.checkpoint_every > 0 {
-        save_ckpt(&params, &adam, 0)?;
-        progress(&Progress::Checkpoint { step: 0 });
     }
     let mut last_loss = None;
     let (mut step_secs, mut step_tokens) = (0f64, 0usize);

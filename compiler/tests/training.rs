@@ -162,23 +162,53 @@ fn cart_is_refused_by_another_model() {
 
 #[test]
 fn a_run_killed_before_its_first_checkpoint_resumes_without_computing_its_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let (model, fp) = tiny_model(11, "model-a");
-    let data = toy_data(&model, 16, 8);
-    let c = TrainConfig {
+    let (model, _) = tiny_model(11, "model-a");
+    let layers = model.config().num_layers;
+    let kv = TrainConfig {
         init: InitKind::SelectedFitted,
         max_steps: Some(5),
         checkpoint_every: 50,
         eval_every: 0,
         ..cfg()
     };
+    let events = killed_after_its_start_and_resumed(&kv);
+    // The start reports its parts as it goes, each first with 0 done, before training starts.
+    let init: Vec<_> = events
+        .iter()
+        .take_while(|p| !matches!(p, Progress::Started { .. }))
+        .filter_map(|p| match p {
+            Progress::Init(i) => Some((i.stage, i.done, i.total)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(init.first(), Some(&(InitStage::SelectKeys, 0, layers)));
+    assert!(init.contains(&(InitStage::SelectKeys, layers, layers)));
+    assert!(init.contains(&(InitStage::FitValues, 0, 1)));
+    assert_eq!(init.last(), Some(&(InitStage::FitValues, 1, 1)));
+    // A soft prompt from the corpus's first tokens' embeddings.
+    let soft = TrainConfig {
+        artifact: ArtifactKind::SoftPrompt,
+        init: InitKind::CorpusText,
+        tokens: 4,
+        ..kv
+    };
+    killed_after_its_start_and_resumed(&soft);
+}
+
+/// Runs `c` whole; then again, "killed" right after the checkpoint of its start (that checkpoint
+/// put back, the output absent) and resumed without the corpus ids, from which the start could
+/// not be computed again: the two outputs must be the same bytes. Returns the whole run's events.
+fn killed_after_its_start_and_resumed(c: &TrainConfig) -> Vec<Progress> {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, fp) = tiny_model(11, "model-a");
+    let data = toy_data(&model, 16, 8);
     let model_ref = cartridge_compiler::ModelRef {
         transformer: &model,
         fingerprint: &fp,
     };
     let run = |out: &std::path::Path, opts: &RunOptions, corpus_ids: Option<&[u32]>| {
         let mut events = Vec::new();
-        let s = train(&c, model_ref, &data, corpus_ids, out, opts, &mut |p| {
+        let s = train(c, model_ref, &data, corpus_ids, out, opts, &mut |p| {
             events.push(p.clone());
             // What a kill right after the first checkpoint would leave: keep a copy of it.
             if *p == (Progress::Checkpoint { step: 0 }) {
@@ -192,29 +222,13 @@ fn a_run_killed_before_its_first_checkpoint_resumes_without_computing_its_start(
     let whole = dir.path().join("whole.cart");
     let (s, events) = run(&whole, &opts(), Some(&corpus));
     assert!(s.finished);
-    // The start reports its parts as it goes, before training starts.
-    let init: Vec<_> = events
-        .iter()
-        .take_while(|p| !matches!(p, Progress::Started { .. }))
-        .filter_map(|p| match p {
-            Progress::Init(i) => Some((i.stage, i.done, i.total)),
-            _ => None,
-        })
-        .collect();
-    let layers = model.config().num_layers;
-    assert_eq!(init.first(), Some(&(InitStage::SelectKeys, 1, layers)));
-    assert!(init.contains(&(InitStage::SelectKeys, layers, layers)));
-    assert_eq!(init.last(), Some(&(InitStage::FitValues, 1, 1)));
     assert!(events.contains(&Progress::Checkpoint { step: 0 }));
-
-    // "Killed" after the first checkpoint: the checkpoint is back, the output is not there.
     let parts = dir.path().join("parts.cart");
     std::fs::copy(whole.with_extension("step0"), parts.with_extension("ckpt")).unwrap();
     let resume = RunOptions {
         resume: true,
         ..opts()
     };
-    // Without the corpus ids, the start could not be computed again: the run must not need it.
     let (s2, events2) = run(&parts, &resume, None);
     assert!(s2.finished);
     assert!(!events2.iter().any(|p| matches!(p, Progress::Init(_))));
@@ -223,6 +237,7 @@ fn a_run_killed_before_its_first_checkpoint_resumes_without_computing_its_start(
         std::fs::read(&parts).unwrap(),
         "the resumed .cart differs from the uninterrupted one"
     );
+    events
 }
 
 #[test]

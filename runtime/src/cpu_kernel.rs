@@ -120,16 +120,29 @@ pub(crate) fn mm<T: Elem>(
         }
         return;
     }
-    // The last element each operand touches must lie inside its slice.
-    assert!((m - 1) * dst_rs + n <= dst.len(), "mm: dst out of bounds");
+    // The last element each operand touches must lie inside its slice (computed without
+    // wrapping: `kernels::matmul` exposes this to other crates), and every stride must fit the
+    // `isize` gemm takes.
+    let last = |rows: usize, rs: usize, cols: usize, cs: usize| {
+        (rows - 1)
+            .checked_mul(rs)
+            .zip((cols - 1).checked_mul(cs))
+            .and_then(|(r, c)| r.checked_add(c))
+    };
+    let fits = |last: Option<usize>, len: usize| last.is_some_and(|i| i < len);
     assert!(
-        (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
-        "mm: a out of bounds"
+        [dst_rs, a_rs, a_cs, b_rs, b_cs]
+            .iter()
+            .all(|&s| isize::try_from(s).is_ok()),
+        "mm: stride too large"
     );
+    assert!(m == 1 || dst_rs >= n, "mm: dst rows overlap");
     assert!(
-        (k - 1) * b_rs + (n - 1) * b_cs < b.len(),
-        "mm: b out of bounds"
+        fits(last(m, dst_rs, n, 1), dst.len()),
+        "mm: dst out of bounds"
     );
+    assert!(fits(last(m, a_rs, k, a_cs), a.len()), "mm: a out of bounds");
+    assert!(fits(last(k, b_rs, n, b_cs), b.len()), "mm: b out of bounds");
     // SAFETY: the asserts above bound every index the product reads or writes (row-major
     // `dst` with column stride 1); the three slices are distinct borrows.
     unsafe {
@@ -225,13 +238,13 @@ pub(crate) enum Simd {
 pub(crate) fn simd() -> Simd {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
+        // The levels nest: code for a level may use the instructions of the levels below it.
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
             return Simd::Avx512;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if avx2 {
             return Simd::Avx2;
         }
     }
@@ -336,6 +349,18 @@ mod tests {
                 assert_eq!(got, built, "{na} + {nb}: the {level:?} build differs");
             }
         }
+    }
+
+    #[test]
+    #[should_panic(expected = "mm: a out of bounds")]
+    fn a_product_whose_strides_wrap_around_is_refused() {
+        // (5 - 1) * a_rs wraps to 0 in unchecked arithmetic, which would pass a plain bound;
+        // the stride itself fits an isize.
+        let a = [1f32; 4];
+        let b = [1f32; 4];
+        let mut dst = [0f32; 10];
+        let huge = 1usize << (usize::BITS - 2);
+        mm((5, 2, 1), &mut dst, 2, false, &a, (huge, 1), &b, (2, 1));
     }
 
     #[test]

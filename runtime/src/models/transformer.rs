@@ -121,7 +121,8 @@ fn prefix_of(vb: &VarBuilder) -> String {
 /// one. Decoding one or two sequences is memory-bound, so reading 4x fewer weight bytes wins;
 /// from three rows on, the packed f32 kernel is faster than candle's quantised one (BENCHMARKS.md,
 /// decode tok/s quantised / f32: 97 / 45 at batch 1, 113 / 92 at 2, 119 / 128 at 3, 133 / 342
-/// at 8). Where there is no packed kernel (neither AVX-512 nor AVX2), candle's f32 gemm is slower at small
+/// at 8; measured on AVX-512, and kept for the AVX2 kernel without a measurement there). Where
+/// there is no packed kernel (neither AVX-512 nor AVX2), candle's f32 gemm is slower at small
 /// batches, so the limit is higher there.
 fn quant_max_rows() -> usize {
     if small_matmul::has_packed_kernel() {
