@@ -317,23 +317,36 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// The fused CPU error and gradient equal the graph's (candle's autograd through the masked
-    /// softmax): rows that see some slots, rows that see none (segment 0 has no slot), more rows
-    /// than one block and chunk.
-    #[test]
-    fn the_fused_error_and_gradient_match_the_graph() -> Result<()> {
+    /// `count` random segments of `n` keys and values `[n, d]`, each observed by two query heads
+    /// per KV head in both kinds (in place and at the end); returns the observers and the
+    /// segments' `(k, v)`.
+    fn observed_segments(
+        count: usize,
+        n: usize,
+        d: usize,
+    ) -> Result<(Observed, Vec<(Tensor, Tensor)>)> {
         let dev = Device::Cpu;
-        let (n, d, groups) = (700, 8, 2);
         let mut observed = Observed::default();
         let mut segments = Vec::new();
-        for segment in 0..2 {
-            let q = (Tensor::randn(0f32, 1.0, (groups * n, d), &dev)? * 0.7)?;
+        for segment in 0..count {
+            let q = (Tensor::randn(0f32, 1.0, (2 * n, d), &dev)? * 0.7)?;
             let k = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
             let v = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
             observed.add(&q, &k, &v, segment, false)?;
             observed.add(&q, &k, &v, segment, true)?;
             segments.push((k, v));
         }
+        Ok((observed, segments))
+    }
+
+    /// The fused CPU error and gradient equal the graph's (candle's autograd through the masked
+    /// softmax): rows that see some slots, rows that see none (segment 0 has no slot), more rows
+    /// than one block and chunk.
+    #[test]
+    fn the_fused_error_and_gradient_match_the_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, d) = (700, 8);
+        let (observed, segments) = observed_segments(2, n, d)?;
         let slots: Vec<(usize, usize)> = (0..n).step_by(19).map(|i| (1, i)).collect();
         let (k, v) = &segments[1];
         let pick = |t: &Tensor| -> Result<Tensor> {
@@ -393,12 +406,8 @@ mod tests {
     fn the_graph_and_the_fused_refinement_agree() -> Result<()> {
         let dev = Device::Cpu;
         let (n, d) = (150, 8);
-        let q = (Tensor::randn(0f32, 1.0, (2 * n, d), &dev)? * 0.7)?;
-        let k = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
-        let v = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
-        let mut observed = Observed::default();
-        observed.add(&q, &k, &v, 0, false)?;
-        observed.add(&q, &k, &v, 0, true)?;
+        let (observed, segments) = observed_segments(1, n, d)?;
+        let (k, v) = &segments[0];
         let slots: Vec<(usize, usize)> = (0..n).step_by(10).map(|i| (0, i)).collect();
         let index = Tensor::new(
             slots.iter().map(|&(_, i)| i as u32).collect::<Vec<_>>(),
@@ -423,18 +432,8 @@ mod tests {
     /// and a slot no observer sees stays where it was.
     #[test]
     fn refinement_lowers_the_read_error() -> Result<()> {
-        let dev = Device::Cpu;
-        let (n, d, groups) = (120, 8, 2);
-        let mut observed = Observed::default();
-        let mut segments = Vec::new();
-        for segment in 0..2 {
-            let q = (Tensor::randn(0f32, 1.0, (groups * n, d), &dev)? * 0.7)?;
-            let k = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
-            let v = Tensor::randn(0f32, 1.0, (n, d), &dev)?;
-            observed.add(&q, &k, &v, segment, false)?;
-            observed.add(&q, &k, &v, segment, true)?;
-            segments.push((k, v));
-        }
+        let (n, d) = (120, 8);
+        let (observed, segments) = observed_segments(2, n, d)?;
         // Every 10th key of segment 0, then every 20th of segment 1.
         let slots: Vec<(usize, usize)> = (0..n)
             .step_by(10)
